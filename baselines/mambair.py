@@ -1,0 +1,1 @@
+"""mambair (work in progress: filled by the baselines issue)."""

@@ -1,0 +1,1 @@
+"""nafnet (work in progress: filled by the baselines issue)."""

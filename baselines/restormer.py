@@ -1,0 +1,1 @@
+"""restormer (work in progress: filled by the baselines issue)."""

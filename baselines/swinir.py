@@ -1,0 +1,1 @@
+"""swinir (work in progress: filled by the baselines issue)."""

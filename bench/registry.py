@@ -1,0 +1,88 @@
+"""Harness view of the model registry: build a model for a task, and the input it expects."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from bench.errors import UsageError
+from serpent.registry import TASKS, ModelInfo, registered
+
+import baselines  # noqa: F401  (importing registers the models)
+import serpent  # noqa: F401
+
+
+def _models() -> dict[str, ModelInfo]:
+    return registered()
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a glob pattern, sorted."""
+    return sorted(n for n in _models() if fnmatch.fnmatchcase(n, pattern))
+
+
+def resolve_models(spec: str | list[str]) -> list[str]:
+    """Expand a comma list of names or globs (or 'all') into model names, in the given order."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        found = list_models("*") if item == "all" else list_models(item)
+        if not found:
+            raise UsageError(f"unknown model {item!r}; known models: {', '.join(list_models())}")
+        names += [n for n in found if n not in names]
+    if not names:
+        raise UsageError(f"no model given; known models: {', '.join(list_models())}")
+    return names
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _models()[name]
+    except KeyError:
+        raise UsageError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+
+
+def check_task(info: ModelInfo, task: str, scale: int) -> None:
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task not in info.tasks:
+        raise UsageError(f"model {info.name} has no configuration for task {task!r} "
+                         f"(it supports {', '.join(info.tasks)})")
+    if task == "sr" and scale not in info.scales:
+        raise UsageError(f"model {info.name} supports SR scales {info.scales}, not x{scale}")
+    if task != "sr" and scale != 1:
+        raise UsageError(f"--scale applies to task 'sr' only; task {task!r} is x1")
+
+
+def create_model(name: str, *, task: str = "deblur", scale: int | None = None, **overrides):
+    """Build registered model `name` for `task` (scale defaults to 1, or 4 for 'sr')."""
+    info = model_info(name)
+    scale = default_scale(task) if scale is None else int(scale)
+    check_task(info, task, scale)
+    return info.fn(task=task, scale=scale, **{**info.defaults, **overrides})
+
+
+def default_scale(task: str) -> int:
+    return 4 if task == "sr" else 1
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model is fed for an R x R output: the harness never guesses this per model."""
+
+    size: int  # input height = width
+    bicubic: bool  # SR with an x1 model: the input is the bicubic upsample of the low-res image
+    skip_reason: str = ""  # non-empty: this (model, res) cannot be measured as asked
+
+
+def input_spec(info: ModelInfo, task: str, res: int, scale: int) -> InputSpec:
+    """Input size for an R x R output (DESIGN.md: x1 tasks and x1 models get R x R)."""
+    own_upsampler = task == "sr" and info.upsampler
+    if own_upsampler and res % scale:
+        return InputSpec(res // scale, False, f"res {res} is not divisible by scale {scale}")
+    size = res // scale if own_upsampler else res
+    if size % info.multiple:
+        return InputSpec(size, task == "sr" and not own_upsampler,
+                         f"{info.name} needs input sides divisible by {info.multiple}; got {size}")
+    return InputSpec(size, task == "sr" and not own_upsampler)

@@ -1,0 +1,1 @@
+"""Serpent model (work in progress: filled by the Serpent issue)."""
