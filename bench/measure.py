@@ -1,0 +1,198 @@
+"""Measure one configuration (model, task, scale, res, batch, dtype, mode) into one results row.
+
+The protocol (DESIGN.md): params and FLOPs on meta tensors; latency with CUDA events after
+warm-up, every sample kept; peak memory reset AFTER warm-up (cudnn.benchmark's autotuning
+allocates large workspaces during the first calls) and read after the timed iterations; the
+static part (weights, grads, optimizer state, inputs) recorded separately. OOM is a result.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from bench import registry
+from bench.environment import environment
+from bench.errors import UsageError
+from bench.flops import count_flops, count_params
+from bench.timing import measure as time_fn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("infer", "train")
+MEASURES = ("params", "flops", "latency", "memory")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    task: str = "deblur"
+    scale: int = 1
+    res: int = 256
+    batch: int = 1
+    dtype: str = "fp32"
+    mode: str = "infer"
+    device: str = "cpu"
+    measure: tuple[str, ...] = MEASURES
+    warmup: int = 10
+    iters: int = 50
+    min_time: float = 0.0
+    compile: bool = False
+    channels_last: bool = False
+    overrides: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        d["measure"] = tuple(d.get("measure", MEASURES))
+        return cls(**d)
+
+    def key(self) -> tuple:
+        """Identity for --resume: the public config keys plus what changes the numbers."""
+        return (self.model, self.task, self.scale, self.res, self.batch, self.dtype, self.mode,
+                self.compile, self.channels_last, _frozen(self.overrides))
+
+
+def _frozen(overrides: dict) -> str:
+    import json
+    return json.dumps(overrides or {}, sort_keys=True)
+
+
+def row_key(row: dict) -> tuple:
+    return (row.get("model"), row.get("task"), row.get("scale"), row.get("res"), row.get("batch"),
+            row.get("dtype"), row.get("mode"), bool(row.get("compile", False)),
+            bool(row.get("channels_last", False)), _frozen(row.get("overrides") or {}))
+
+
+def _base_row(cfg: RunConfig) -> dict:
+    info = registry.model_info(cfg.model)
+    return {"kind": "efficiency", "model": cfg.model, "family": info.family, "task": cfg.task,
+            "scale": cfg.scale, "res": cfg.res, "batch": cfg.batch, "dtype": cfg.dtype,
+            "mode": cfg.mode, "compile": cfg.compile, "channels_last": cfg.channels_last,
+            "overrides": dict(cfg.overrides), "measured": list(cfg.measure)}
+
+
+def _build(cfg: RunConfig):
+    return registry.create_model(cfg.model, task=cfg.task, scale=cfg.scale, **cfg.overrides)
+
+
+def _meta_model(cfg: RunConfig):
+    """Build straight on the meta device (no init cost); fall back to CPU then move."""
+    try:
+        with torch.device("meta"):
+            return _build(cfg)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return _build(cfg).to("meta")
+
+
+def _scan_backends():
+    try:
+        from serpent import scan
+    except ImportError:  # pragma: no cover - serpent is part of the package
+        return None
+    return scan
+
+
+def measure_config(cfg: RunConfig) -> dict:
+    """One row. Never raises for a model failure: OOM and errors become the row's status."""
+    row = _base_row(cfg)
+    device = torch.device(cfg.device)
+    info = registry.model_info(cfg.model)
+    try:
+        registry.check_task(info, cfg.task, cfg.scale)
+    except UsageError as e:
+        return {**row, **environment(device), "status": "skipped", "message": str(e)}
+    spec = registry.input_spec(info, cfg.task, cfg.res, cfg.scale)
+    row.update(input_res=spec.size, input_bicubic=spec.bicubic)
+    if spec.skip_reason:
+        return {**row, **environment(device), "status": "skipped", "message": spec.skip_reason}
+    shape = (cfg.batch, 3, spec.size, spec.size)
+    try:
+        if "params" in cfg.measure or "flops" in cfg.measure:
+            model = _meta_model(cfg)
+            row["params"] = count_params(model)
+            if "flops" in cfg.measure:
+                row.update(count_flops(model, shape).as_row())
+            del model
+        if "latency" in cfg.measure or "memory" in cfg.measure:
+            row.update(_run_on_device(cfg, device, shape))
+        row.update(status="ok", message="")
+    except torch.OutOfMemoryError as e:
+        row.update(status="oom", message=str(e).splitlines()[0][:300])
+    except Exception as e:  # noqa: BLE001 - a failing model is a result row, not a crash
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        row.update(status="error", message=tb[:500])
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {**row, **environment(device)}
+
+
+def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...]) -> dict:
+    torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    scan = _scan_backends()
+    if scan is not None:
+        scan.reset_used_backends()
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = _build(cfg).to(device=device, memory_format=fmt)
+    x = torch.rand(shape, device=device).contiguous(memory_format=fmt)
+    dtype = DTYPES[cfg.dtype]
+    amp = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+           else contextlib.nullcontext())
+    runner = torch.compile(model) if cfg.compile else model
+
+    if cfg.mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), amp:
+                return runner(x)
+    else:
+        model.train()
+        out_shape = _output_shape(cfg, shape)
+        target = torch.rand(out_shape, device=device).contiguous(memory_format=fmt)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                loss = (runner(x) - target).abs().mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    out: dict = {}
+    static = {}
+
+    def after_warmup():
+        if cuda:
+            torch.cuda.synchronize(device)
+            static["mb"] = torch.cuda.memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
+
+    timed = "latency" in cfg.measure
+    timing = time_fn(step, device=device, warmup=max(cfg.warmup, 1), after_warmup=after_warmup,
+                     iters=cfg.iters if timed else 1, min_time_s=cfg.min_time if timed else 0.0)
+    if timed:
+        out.update(timing.as_row(cfg.batch, cfg.res * cfg.res))
+    if cuda and "memory" in cfg.measure:
+        out.update(mem_peak_alloc_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+                   mem_peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
+                   mem_static_mb=static["mb"])
+    out["scan_backend"] = ",".join(sorted(scan.used_backends())) if scan is not None else None
+    out["scan_backend"] = out["scan_backend"] or "none"
+    out["amp"] = "autocast" if dtype != torch.float32 else "none"
+    del model, runner, x
+    return out
+
+
+def _output_shape(cfg: RunConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0], 3, cfg.res, cfg.res)
