@@ -141,9 +141,8 @@ class NAFNet(nn.Module):
         super().__init__()
 
         def blocks(chan: int, num: int, level: int) -> nn.Sequential:
-            def pool():
-                return LocalAvgPool2d(tlc_kernel(level)) if tlc else None
-            return nn.Sequential(*[NAFBlock(chan, pool=pool()) for _ in range(num)])
+            return nn.Sequential(*[NAFBlock(chan, pool=LocalAvgPool2d(tlc_kernel(level)) if tlc else None)
+                                   for _ in range(num)])
 
         self.intro = nn.Conv2d(img_channel, width, 3, padding=1)
         self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
