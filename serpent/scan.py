@@ -1,0 +1,286 @@
+"""Selective scan (Mamba's S6) as one torch custom op with interchangeable backends.
+
+Why one custom op: FLOP counters (fvcore's jit handles, FlopCounterMode) must see the scan as a
+single node, `torch.ops.serpent.selective_scan`, whatever runs underneath; otherwise they either
+miss mamba-ssm's CUDA kernel (an opaque autograd.Function) or count hundreds of small ops of the
+PyTorch fallback. Semantics and shapes follow `mamba_ssm.ops.selective_scan_interface.
+selective_scan_fn` (real A only):
+
+    u, delta, z: (b, d, l)   A: (d, n)   B, C: (b, n, l) or grouped (b, g, n, l), d % g == 0
+    D, delta_bias: (d,)      output: (b, d, l) in u's dtype
+
+    delta <- softplus(delta + delta_bias)            (each step only if given / requested)
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,   h_{-1} = 0,  h_t: (b, d, n)
+    y_t = <C_t, h_t> + D * u_t;   y <- y * silu(z)
+
+Math runs in float32 (float64 when u is float64), as mamba's kernel and reference do.
+
+Backends (`resolve_backend` picks one; `used_backends` reports what actually ran):
+- "mamba": mamba-ssm's CUDA kernel through its public `selective_scan_fn`, imported lazily.
+  Backward re-runs `selective_scan_fn` under autograd and back-propagates through it (one extra
+  forward kernel). We do not call the `selective_scan_cuda.fwd/bwd` extension directly because
+  its argument list differs between mamba-ssm releases (cu_seqlens / prev_state were added in
+  some), and a custom op cannot carry the kernel's saved chunk states from forward to backward.
+- "chunked": PyTorch, two-level scan over chunks of length T ~ sqrt(l): a T-step loop that
+  advances all l/T chunks at once (every step is one vectorised op over all chunks), then a
+  sequential pass over the l/T chunk boundaries that carries the state into each chunk. Only
+  products of decays exp(delta*A) <= 1 appear (A < 0): no exp of large positive numbers, no
+  division by cumulative decays. Backward: the op recomputes the forward under autograd; the
+  linear recurrence itself has an analytic backward (the same chunked scan run in reverse).
+- "sequential": the plain loop over l, kept as the test reference.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+BACKENDS = ("mamba", "chunked", "sequential")
+_MAMBA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_USED: set[str] = set()
+
+
+def used_backends() -> set[str]:
+    """Backends that actually ran (forward or backward) since the last `reset_used_backends`."""
+    return set(_USED)
+
+
+def reset_used_backends() -> None:
+    _USED.clear()
+
+
+@functools.cache
+def mamba_available() -> bool:
+    """True when mamba-ssm and its compiled CUDA extension import (never needed on CPU)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except Exception:  # ImportError, or OSError/RuntimeError from a broken extension build
+        return False
+    return True
+
+
+def resolve_backend(device, requested: str = "auto", dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs for tensors on `device` (and of `dtype`, if given).
+
+    "auto" means mamba-ssm's kernel on CUDA when it imports (and supports the dtype), else the
+    chunked PyTorch scan. An explicit request that cannot be honoured is an error, not a
+    silent fallback, so a results row never names a backend that did not run.
+    """
+    device = torch.device(device)
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown selective-scan backend {requested!r}; "
+                         f"choose one of auto, {', '.join(BACKENDS)}")
+    mamba_ok = dtype is None or dtype in _MAMBA_DTYPES
+    if requested == "auto":
+        return "mamba" if device.type == "cuda" and mamba_ok and mamba_available() else "chunked"
+    if requested == "mamba":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'mamba' needs CUDA tensors, got device {device}")
+        if not mamba_ok:
+            raise ValueError(f"backend 'mamba' supports {_MAMBA_DTYPES}, not {dtype}")
+        if not mamba_available():
+            raise RuntimeError("backend 'mamba' requested but mamba_ssm does not import; "
+                               "install it with `pip install -e .[cuda]` or use backend='chunked'")
+    return requested
+
+
+def selective_scan_macs(b: int, d: int, l: int, n: int, with_D: bool, with_z: bool) -> int:
+    """Multiply-adds of one selective scan (VMamba's count, from the Mamba authors)."""
+    return 9 * b * l * d * n + b * d * l * int(bool(with_D)) + b * d * l * int(bool(with_z))
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _compute_dtype(u: Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Upcast, apply delta bias/softplus, and give B and C a group axis: (b, g, n, l)."""
+    ct = _compute_dtype(u)
+    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    if B.dim() == 3:
+        B = B[:, None]
+    if C.dim() == 3:
+        C = C[:, None]
+    return u, delta, A, B, C
+
+
+def _finish(y, u, D, z, dtype):
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype).contiguous()
+
+
+# --------------------------------------------------------------------------- chunked backend
+
+
+def chunk_length(l: int) -> int:
+    """T ~ sqrt(l) (a power of two, at least 8) balances the T in-chunk steps against the l/T
+    boundary steps; measured on CPU by bench/benchmarks/scan_cpu.py."""
+    return max(8, 1 << round(math.log2(max(l, 1)) / 2))
+
+
+def _scan_(a: Tensor, x: Tensor, chunk: int) -> Tensor:
+    """In place: x <- h with h_t = a_t * h_{t-1} + x_t along dim 0 (h_{-1} = 0).
+
+    a and x are contiguous (L, ...) with L % chunk == 0; a is overwritten with the cumulative
+    decays inside each chunk. Time-leading layout keeps every slice contiguous over the rest.
+    """
+    nc = a.shape[0] // chunk
+    av, xv = a.view(nc, chunk, -1), x.view(nc, chunk, -1)
+    for t in range(1, chunk):  # all chunks advance together
+        xv[:, t].addcmul_(av[:, t], xv[:, t - 1])
+        if nc > 1:
+            av[:, t].mul_(av[:, t - 1])
+    for c in range(1, nc):  # carry the final state of chunk c-1 into chunk c
+        xv[c].addcmul_(av[c], xv[c - 1, -1])
+    return x
+
+
+class _LinearScan(torch.autograd.Function):
+    """h_t = a_t h_{t-1} + x_t with the analytic backward: g_t = dh_t + a_{t+1} g_{t+1}
+    (the same scan reversed), dx = g, da_t = g_t h_{t-1}. Saves only a and h."""
+
+    @staticmethod
+    def forward(ctx, a, x, chunk):
+        cf = torch.contiguous_format
+        h = _scan_(a.clone(memory_format=cf), x.clone(memory_format=cf), chunk)
+        ctx.save_for_backward(a, h)
+        ctx.chunk = chunk
+        return h
+
+    @staticmethod
+    def backward(ctx, gh):
+        a, h = ctx.saved_tensors
+        a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
+        g = _scan_(a_next.flip(0), gh.flip(0), ctx.chunk).flip(0)
+        da = g * torch.cat([torch.zeros_like(h[:1]), h[:-1]]) if ctx.needs_input_grad[0] else None
+        return da, g, None
+
+
+def _linear_scan(a: Tensor, x: Tensor, chunk: int) -> Tensor:
+    if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad):
+        return _LinearScan.apply(a, x, chunk)
+    return _scan_(a, x, chunk)  # a, x are temporaries of the caller: scan in place
+
+
+def chunked_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                 chunk: Optional[int] = None) -> Tensor:
+    """The chunked PyTorch backend as a plain differentiable function (no custom op)."""
+    dtype = u.dtype
+    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    b, d, l = u.shape
+    g = B.shape[1]
+    chunk = chunk or chunk_length(l)
+    pad = (0, -l % chunk)  # padded steps have delta = 0: decay 1, input 0, output cropped
+    # time-leading copies of the small (b, d, l)-sized inputs make the big products contiguous
+    dt = rearrange(F.pad(delta, pad), "b d l -> l b d 1").contiguous()
+    dtu = rearrange(F.pad(delta * u, pad), "b (g e) l -> l b g e 1", g=g).contiguous()
+    Bt = rearrange(F.pad(B, pad), "b g n l -> l b g 1 n").contiguous()
+    Ct = rearrange(F.pad(C, pad), "b g n l -> l b g n 1").contiguous()
+    a = torch.exp(dt * A).contiguous()  # (L, b, d, n), entries <= 1 when A < 0
+    x = (dtu * Bt).flatten(2, 3).contiguous()  # (L, b, d, n)
+    h = _linear_scan(a, x, chunk)
+    y = torch.matmul(h.unflatten(2, (g, -1)), Ct)  # (L, b, g, e, 1)
+    y = rearrange(y, "l b g e 1 -> b (g e) l")[..., :l]
+    return _finish(y, u, D, z, dtype)
+
+
+# --------------------------------------------------------------------------- reference / mamba
+
+
+def sequential_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                    delta_softplus=False) -> Tensor:
+    """Plain loop over l (the test reference; slow)."""
+    dtype = u.dtype
+    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    b, d, l = u.shape
+    g, n = B.shape[1], A.shape[1]
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    inp = torch.einsum("bgel,bgnl->bgeln", (delta * u).view(b, g, d // g, l), B).reshape(b, d, l, n)
+    h = u.new_zeros(b, d, n)
+    ys = []
+    for t in range(l):
+        h = decay[:, :, t] * h + inp[:, :, t]
+        ys.append(torch.einsum("bgen,bgn->bge", h.view(b, g, -1, n), C[..., t]).reshape(b, d))
+    return _finish(torch.stack(ys, dim=-1), u, D, z, dtype)
+
+
+def _mamba_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba-ssm's kernel; casts to the dtypes its C++ checks demand (fp32 A, D, delta_bias)."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    it, f32 = u.dtype, torch.float32
+    return selective_scan_fn(
+        u, delta.to(it), A.to(f32), B.to(it), C.to(it),
+        None if D is None else D.to(f32), None if z is None else z.to(it),
+        None if delta_bias is None else delta_bias.to(f32), delta_softplus)
+
+
+_IMPLS = {"mamba": _mamba_scan, "chunked": chunked_scan, "sequential": sequential_scan}
+
+
+# --------------------------------------------------------------------------- the custom op
+
+
+@torch.library.custom_op("serpent::selective_scan", mutates_args=())
+def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                       delta_softplus: bool, backend: str) -> Tensor:
+    name = resolve_backend(u.device, backend, u.dtype)
+    _USED.add(name)
+    return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_selective_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    torch._check(delta.shape == u.shape, lambda: "delta must have u's shape (b, d, l)")
+    torch._check(A.dim() == 2 and A.shape[0] == u.shape[1], lambda: "A must be (d, n)")
+    return u.new_empty(u.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, delta_softplus, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.delta_softplus, ctx.backend = delta_softplus, backend
+
+
+def _backward(ctx, grad):
+    """Recompute the forward of the same backend under autograd, then back-propagate."""
+    saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad[: len(saved)]
+    name = resolve_backend(saved[0].device, ctx.backend, saved[0].dtype)
+    _USED.add(name)
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(bool(need))
+                  for t, need in zip(saved, needs)]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        y = _IMPLS[name](*leaves, ctx.delta_softplus)
+        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True) if wanted else ())
+    return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves),
+            None, None)
+
+
+_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                   delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   backend: str = "auto") -> Tensor:
+    """Selective scan with `selective_scan_fn` semantics (see module docstring); one op node."""
+    return torch.ops.serpent.selective_scan(u, delta, A, B, C, D, z, delta_bias,
+                                            bool(delta_softplus), backend)

@@ -1,0 +1,194 @@
+"""Selective scan: chunked backend vs the sequential loop (and an independent float64 recurrence),
+custom-op behaviour on meta tensors and under autograd, backend resolution, MAC formula."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serpent import scan
+from serpent.scan import (chunked_scan, reset_used_backends, resolve_backend, selective_scan,
+                          selective_scan_macs, sequential_scan, used_backends)
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(b=2, d=8, l=37, n=4, g=None, D=True, z=True, bias=True, dtype=torch.float64,
+                seed=0):
+    """Random inputs in Mamba's regime (A < 0, small positive-ish delta); g=None: ungrouped B/C."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    bc = (b, n, l) if g is None else (b, g, n, l)
+    return dict(u=r(b, d, l), delta=0.5 * r(b, d, l), A=-torch.rand(d, n, generator=gen,
+                dtype=dtype) * 4 - 0.1, B=r(*bc), C=r(*bc), D=r(d) if D else None,
+                z=r(b, d, l) if z else None, delta_bias=0.3 * r(d) if bias else None)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()  # 0 when both are exactly 0
+
+
+def recurrence(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Independent float64 reference: explicit per-(batch, channel) python recurrence."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, l = u.shape
+    if B.dim() == 3:
+        B, C = B[:, None], C[:, None]
+    per_group = d // B.shape[1]
+    y = torch.zeros(b, d, l, dtype=torch.float64)
+    for i, c in itertools.product(range(b), range(d)):
+        h = torch.zeros(A.shape[1], dtype=torch.float64)
+        for t in range(l):
+            h = torch.exp(delta[i, c, t] * A[c]) * h + delta[i, c, t] * u[i, c, t] * B[i, c // per_group, :, t]
+            y[i, c, t] = h @ C[i, c // per_group, :, t]
+    if D is not None:
+        y = y + u * D.double()[:, None]
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y
+
+
+CASES = [dict(), dict(D=False, z=False, bias=False), dict(g=2), dict(g=4, l=64, z=False),
+         dict(l=1), dict(l=50, bias=False)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("softplus", [False, True])
+def test_chunked_equals_sequential_float64(case, softplus):
+    inp = make_inputs(**case)
+    for t in inp.values():
+        if t is not None:
+            t.requires_grad_(True)
+    ref = sequential_scan(**inp, delta_softplus=softplus)
+    grad_out = torch.randn_like(ref)
+    wrt = [t for t in inp.values() if t is not None]
+    ref_grads = torch.autograd.grad(ref, wrt, grad_out)
+    for chunk in (4, 7, None):  # l not a multiple of the chunk, and the default chunk
+        out = chunked_scan(**inp, delta_softplus=softplus, chunk=chunk)
+        assert rel(out, ref) < 1e-10
+        for name, g, rg in zip(NAMES, torch.autograd.grad(out, wrt, grad_out), ref_grads):
+            assert rel(g, rg) < 1e-10, (name, chunk)
+
+
+def test_sequential_matches_independent_recurrence():
+    inp = make_inputs(b=1, d=4, l=9, n=3, g=2)
+    assert rel(sequential_scan(**inp, delta_softplus=True), recurrence(**inp, delta_softplus=True)) < 1e-12
+
+
+def test_float32_close_to_float64_reference():
+    inp64 = make_inputs(b=2, d=16, l=300, n=8, g=2)
+    inp32 = {k: None if v is None else v.float() for k, v in inp64.items()}
+    out = selective_scan(**inp32, delta_softplus=True, backend="chunked")
+    assert out.dtype == torch.float32
+    assert rel(out.double(), sequential_scan(**inp64, delta_softplus=True)) < 1e-5
+
+
+def test_long_sequence_strong_decay_is_finite():
+    """Large |A| * delta over long chunks must not overflow (no exp of positive numbers)."""
+    inp = make_inputs(b=1, d=4, l=2048, n=4, dtype=torch.float32)
+    inp["A"] = inp["A"] * 100
+    inp["delta"] = inp["delta"] * 20  # softplus(delta) up to ~30: decays down to exp(-12000)
+    out = chunked_scan(**inp, delta_softplus=True, chunk=256)
+    assert torch.isfinite(out).all()
+    ref = sequential_scan(**{k: None if v is None else v.double() for k, v in inp.items()},
+                          delta_softplus=True)
+    assert rel(out.double(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("softplus,need", [(False, NAMES), (True, ("u", "A", "B", "D", "z"))])
+def test_custom_op_forward_backward(softplus, need):
+    inp = make_inputs(g=2)
+    wrt = {k: v.requires_grad_(True) for k, v in inp.items() if k in need}
+    reset_used_backends()
+    out = selective_scan(**inp, delta_softplus=softplus)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(wrt.values()), grad_out)
+    assert used_backends() == {"chunked"}
+    ref = sequential_scan(**inp, delta_softplus=softplus)
+    assert rel(out, ref) < 1e-10
+    for name, g, rg in zip(wrt, grads, torch.autograd.grad(ref, list(wrt.values()), grad_out)):
+        assert g.dtype == inp[name].dtype and rel(g, rg) < 1e-10, name
+
+
+def test_custom_op_sequential_backend_is_reported():
+    inp = make_inputs(l=5)
+    reset_used_backends()
+    out = selective_scan(**inp, backend="sequential")
+    assert used_backends() == {"sequential"}
+    assert rel(out, chunked_scan(**inp)) < 1e-12
+
+
+def test_low_precision_input_returns_input_dtype():
+    inp = {k: None if v is None else v.to(torch.bfloat16) for k, v in make_inputs().items()}
+    out = selective_scan(**inp)
+    assert out.dtype == torch.bfloat16
+    ref = sequential_scan(**{k: None if v is None else v.double() for k, v in inp.items()})
+    assert rel(out.double(), ref) < 1e-2
+
+
+def test_meta_tensors_give_shape_and_run_nothing():
+    inp = {k: None if v is None else v.float().to("meta") for k, v in make_inputs(b=3, d=8, l=1000, g=4).items()}
+    reset_used_backends()
+    out = selective_scan(**inp, delta_softplus=True)
+    assert out.device.type == "meta" and out.shape == (3, 8, 1000) and out.dtype == torch.float32
+    assert used_backends() == set()
+
+
+def test_is_one_op_for_dispatch_modes():
+    """FLOP counters see exactly one op node whatever backend runs underneath."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    inp = make_inputs(dtype=torch.float32)
+    with Record() as rec:
+        selective_scan(**inp)
+    assert rec.ops == [torch.ops.serpent.selective_scan.default]
+
+
+def test_opcheck():
+    inp = make_inputs(l=12, g=2, dtype=torch.float32)
+    args = tuple(inp[k] for k in NAMES) + (True, "chunked")
+    torch.library.opcheck(torch.ops.serpent.selective_scan.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_resolve_backend():
+    assert resolve_backend("cpu") == "chunked"
+    assert resolve_backend("cpu", "sequential") == "sequential"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("cpu", "mamba")
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_backend("cpu", "triton")
+    if not scan.mamba_available():
+        assert resolve_backend("cuda") == "chunked"
+        with pytest.raises(RuntimeError, match="mamba_ssm"):
+            resolve_backend("cuda", "mamba")
+    assert resolve_backend("cuda", dtype=torch.float64) == "chunked"  # the kernel has no fp64
+
+
+def test_macs_formula():
+    assert selective_scan_macs(2, 3, 5, 7, False, False) == 9 * 2 * 3 * 5 * 7
+    assert selective_scan_macs(2, 3, 5, 7, True, True) == 9 * 2 * 3 * 5 * 7 + 2 * 2 * 3 * 5
+
+
+@pytest.mark.gpu
+def test_cuda_backends_agree():
+    inp = {k: None if v is None else v.float().cuda() for k, v in make_inputs(d=16, l=300, g=2).items()}
+    ref = selective_scan(**inp, delta_softplus=True, backend="chunked")
+    out = selective_scan(**inp, delta_softplus=True)
+    assert rel(out, ref) < 1e-4
