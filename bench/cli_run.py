@@ -66,6 +66,26 @@ def _resolve_device(device: str | None) -> str:
     return device
 
 
+def _resolve_gpus(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise UsageError("--gpus asked for, but CUDA is not available here")
+    if spec == "all":
+        return list(range(count))
+    try:
+        ids = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--gpus expects 'all' or comma-separated GPU indices, got {spec!r}") from None
+    bad = [i for i in ids if i >= count]
+    if not ids or bad or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise UsageError(f"--gpus {spec}: this machine has GPUs 0..{count - 1}; give distinct indices or 'all'")
+    return ids
+
+
 @click.command()
 @click.option("--models", default="all", show_default=True,
               help="Comma list of model names or globs (e.g. 'serpent*,swinir'), or 'all'.")
@@ -99,9 +119,14 @@ def _resolve_device(device: str | None) -> str:
               help="Fresh process per config (default: on for CUDA, off for CPU).")
 @click.option("--timeout", type=float, default=900, show_default=True,
               help="Seconds per isolated config before it is recorded as an error.")
+@click.option("--gpus", default=None, help="Shard the sweep over these GPUs ('0,1' or 'all'): "
+              "one worker per GPU, most expensive configs first, each config in a fresh process.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="CPU: measure this many configs at once, each in its own process (timings "
+              "then share the CPU: use for params/FLOPs sweeps).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min_time, compile_,
-        channels_last, measure, overrides, out, resume, isolate, timeout, progress):
+        channels_last, measure, overrides, out, resume, isolate, timeout, gpus, workers, progress):
     """Sweep models x resolutions and record params, FLOPs, latency, throughput and memory."""
     from pathlib import Path
 
@@ -115,7 +140,10 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
     scale = scale if scale is not None else (8 if task == "sr" else 1)
     if task != "sr" and scale != 1:
         raise UsageError(f"--scale applies to --task sr only (task {task} is x1)")
-    device = _resolve_device(device)
+    gpu_ids = _resolve_gpus(gpus)
+    if gpu_ids and device not in (None, "cuda"):
+        raise UsageError("--gpus picks the devices itself; drop --device (or use --device cuda)")
+    device = _resolve_device("cuda" if gpu_ids else device)
     cuda = device.startswith("cuda")
     resolutions = _int_list(res, "--res") if res else list(CUDA_DEFAULT_RES if cuda else CPU_DEFAULT_RES)
     batches = _int_list(batch, "--batch")
@@ -151,7 +179,16 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
         configs = [c for c in configs if c.key() not in done]
         click.echo(f"--resume: {before - len(configs)} of {before} configs already in {out}", err=True)
     isolate = (cuda and on_device) if isolate is None else isolate
-    rows = run_sweep(configs, out, isolate=isolate, timeout_s=timeout, progress=progress)
+    if gpu_ids and not isolate:
+        raise UsageError("--gpus runs every config in its own process; drop --no-isolate")
+    if gpu_ids and not on_device:
+        gpu_ids = None  # params/FLOPs need no GPU: nothing to shard
+    if workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if workers > 1 and gpu_ids:
+        raise UsageError("--workers is for CPU sweeps; with --gpus there is one worker per GPU")
+    rows = run_sweep(configs, out, isolate=isolate, timeout_s=timeout, progress=progress,
+                     gpus=gpu_ids, workers=workers)
     if rows:
         click.echo(efficiency_table(rows))
     click.echo(f"{len(rows)} rows appended to {out}")

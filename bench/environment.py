@@ -54,10 +54,13 @@ def _cpu_name() -> str:
 def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
-                       f"--id={device.index or 0}"])
+        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        driver = driver.splitlines()[0] if driver else ""
+        physical = os.environ.get("BENCH_PHYSICAL_GPU")  # set by a sharded sweep's parent
         return {"device_name": props.name, "device_mem_mb": props.total_memory / 2**20,
-                "driver": driver or None, "sm": f"{props.major}.{props.minor}"}
+                "driver": driver or None, "sm": f"{props.major}.{props.minor}",
+                "gpu_index": int(physical) if physical else (device.index or 0),
+                "gpu_uuid": str(getattr(props, "uuid", "")) or None}
     return {"device_name": f"cpu: {_cpu_name()}", "device_mem_mb": None, "driver": None,
             "threads": torch.get_num_threads()}
 

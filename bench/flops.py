@@ -26,6 +26,7 @@ All counts are for ONE forward pass of ONE image (batch 1), the convention paper
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -36,6 +37,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from serpent.scan import selective_scan_macs
+
+with warnings.catch_warnings():  # fvcore imports torch.jit.script, deprecated in recent torch
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn.jit_handles import conv_flop_count
 
 # Ops that move or create data without arithmetic (fvcore's ignore list, at the ATen level).
 _NO_ARITHMETIC = {
@@ -66,7 +71,6 @@ def _conv_macs(args, out) -> int:
     x, w = args[0], args[1]
     transposed = bool(args[6]) if len(args) > 6 else False
     # fvcore's formula: output elements x (input channels per group x kernel volume).
-    from fvcore.nn.jit_handles import conv_flop_count
     return conv_flop_count(_shape(x), _shape(w), _shape(out), transposed=transposed)
 
 

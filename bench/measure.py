@@ -90,6 +90,13 @@ def _meta_model(cfg: RunConfig):
         return _build(cfg).to("meta")
 
 
+def count_config_flops(cfg: RunConfig) -> float:
+    """Forward GFLOPs of one image for `cfg` (meta tensors; seconds on a CPU)."""
+    info = registry.model_info(cfg.model)
+    spec = registry.input_spec(info, cfg.task, cfg.res, cfg.scale)
+    return count_flops(_meta_model(cfg), (1, 3, spec.size, spec.size)).gflops
+
+
 def _scan_backends():
     try:
         from serpent import scan

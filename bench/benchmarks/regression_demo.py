@@ -1,0 +1,87 @@
+"""Does the regression gate catch a real slowdown and stay quiet on noise? (issue 7)
+
+Runs the same small sweep three times on one GPU: A, B (unchanged) and C, where one model is
+deliberately slowed by applying one of its layers twice. Then `bench compare A B` must pass
+(no false alarm) and `bench compare A C` must fail.
+
+    python -m bench.benchmarks.regression_demo --out-dir results/regression_demo
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import registry
+from bench.measure import RunConfig
+from bench.sweep import run_sweep
+
+MODELS = ("serpent_s", "nafnet_w32", "restormer")
+SLOWED = "nafnet_w32"
+
+
+def _apply_twice(module: torch.nn.Module) -> None:
+    """Make `module` run its forward on its own output once more (shape-preserving layers)."""
+    forward = module.forward
+    module.forward = lambda x, *a, **k: forward(forward(x, *a, **k), *a, **k)
+
+
+def slowed_constructor(fn, attr_path: str):
+    def build(**kwargs):
+        model = fn(**kwargs)
+        layer = model
+        for part in attr_path.split("."):
+            layer = getattr(layer, part) if not part.isdigit() else layer[int(part)]
+        _apply_twice(layer)
+        return model
+    return build
+
+
+def _compare(a: Path, b: Path, out_dir: Path, tag: str) -> int:
+    proc = subprocess.run([sys.executable, "-m", "bench", "compare", str(a), str(b),
+                           "--markdown", str(out_dir / f"compare_{tag}.md"),
+                           "--json", str(out_dir / f"compare_{tag}.json")],
+                          capture_output=True, text=True)
+    print(proc.stdout[-3000:])
+    print(proc.stderr[-1000:], file=sys.stderr)
+    return proc.returncode
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--slow-layer", default="middle_blks.0",
+                    help=f"attribute path of the {SLOWED} layer applied twice")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    configs = [RunConfig(model=m, res=args.res, dtype="bf16" if device == "cuda" else "fp32",
+                         device=device, warmup=10, iters=50, min_time=1.0 if device == "cuda" else 0)
+               for m in MODELS]
+    paths = {tag: out_dir / f"sweep_{tag}.jsonl" for tag in "ABC"}
+    for p in paths.values():
+        p.unlink(missing_ok=True)
+    run_sweep(configs, paths["A"], isolate=False, progress=False)
+    run_sweep(configs, paths["B"], isolate=False, progress=False)
+    info = registry.model_info(SLOWED)
+    original = info.fn
+    object.__setattr__(info, "fn", slowed_constructor(original, args.slow_layer))
+    try:
+        run_sweep(configs, paths["C"], isolate=False, progress=False)
+    finally:
+        object.__setattr__(info, "fn", original)
+    same = _compare(paths["A"], paths["B"], out_dir, "A_vs_B")
+    slowed = _compare(paths["A"], paths["C"], out_dir, "A_vs_C_slowed")
+    ok = same == 0 and slowed == 1
+    print(f"A vs B (unchanged): exit {same} (want 0); A vs C ({SLOWED} slowed): exit {slowed} "
+          f"(want 1) -> {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

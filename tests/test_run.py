@@ -1,0 +1,156 @@
+"""`bench run`: rows, OOM as a result, --resume, usage errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bench.measure import RunConfig, measure_config
+from bench.results import read_rows
+from bench.sweep import run_sweep
+from serpent import registry as model_registry
+
+
+class _Tiny(nn.Module):
+    def __init__(self, fail_at: int = 0):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+        self.fail_at = fail_at
+
+    def forward(self, x):
+        if self.fail_at and x.shape[-1] >= self.fail_at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return x + self.c(x)
+
+
+@pytest.fixture()
+def tiny_models():
+    names = []
+
+    def add(name, **kw):
+        model_registry.register_model(family="conv", multiple=kw.pop("multiple", 1), upsampler=False,
+                                      reference="test", name=name)(lambda *, task, scale, **o: _Tiny(**{**kw, **o}))
+        names.append(name)
+
+    add("_tiny")
+    add("_tiny_oom", fail_at=32)
+    add("_tiny_m8", multiple=8)
+    yield
+    for n in names:
+        model_registry._MODELS.pop(n)
+
+
+def _cfg(model, res, **kw):
+    return RunConfig(model=model, res=res, warmup=1, iters=3, **kw)
+
+
+def test_row_has_public_columns_and_exact_counts(tiny_models):
+    row = measure_config(_cfg("_tiny", 16))
+    assert row["status"] == "ok", row["message"]
+    assert row["params"] == 3 * 3 * 9 + 3
+    assert row["gmacs"] * 1e9 == 16 * 16 * 3 * 27
+    assert row["iters"] == 3 and len(row["latency_samples_ms"]) == 3
+    assert row["latency_ms_min"] <= row["latency_ms_median"]
+    assert row["throughput_img_s"] == pytest.approx(1e3 / row["latency_ms_median"])
+    for col in ("device_name", "torch", "git_commit", "host", "time", "scan_backend"):
+        assert row[col]
+
+
+def test_oom_becomes_a_row_and_the_sweep_goes_on(tiny_models, tmp_path):
+    out = tmp_path / "r.jsonl"
+    cfgs = [_cfg("_tiny_oom", 16), _cfg("_tiny_oom", 64), _cfg("_tiny", 64)]
+    rows = run_sweep(cfgs, out, isolate=False, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "oom", "ok"]
+    assert "out of memory" in rows[1]["message"]
+    assert [r["status"] for r in read_rows(out)] == ["ok", "oom", "ok"]
+
+
+def test_size_multiple_gives_skipped_row(tiny_models):
+    row = measure_config(_cfg("_tiny_m8", 20))
+    assert row["status"] == "skipped" and "divisible by 8" in row["message"]
+    assert "latency_ms_median" not in row
+
+
+def test_train_step_row(tiny_models):
+    row = measure_config(_cfg("_tiny", 16, mode="train"))
+    assert row["status"] == "ok", row["message"]
+    assert row["latency_ms_median"] > 0
+
+
+def _bench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_resume_skips_done_configs(tmp_path):
+    out = tmp_path / "r.jsonl"
+    args = ["run", "--models", "serpent_t", "--res", "32,64", "--measure", "params,flops",
+            "--out", str(out), "--no-progress"]
+    first = _bench(*args)
+    assert first.returncode == 0, first.stderr
+    assert len(read_rows(out)) == 2
+    again = _bench(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "2 of 2 configs already" in again.stderr
+    assert len(read_rows(out)) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "--models", "nope"], "unknown model 'nope'; known models:"),
+    (["run", "--models", "serpent_t", "--res", "abc"], "--res must be"),
+    (["run", "--models", "serpent_t", "--dtype", "fp8"], "unknown dtype"),
+    (["run", "--models", "serpent_t", "--task", "inpaint"], "unknown task"),
+    (["run", "--models", "serpent_t", "--device", "cuda"], "CUDA is not available"),
+    (["run", "--models", "serpent_t", "--set", "1x=2"], "--set expects key=value"),
+])
+def test_usage_errors_exit_2_with_one_line(args, needle):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    p = _bench(*args)
+    assert p.returncode == 2
+    assert needle in p.stderr
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_help_is_fast_and_lists_commands():
+    import time
+    t0 = time.perf_counter()
+    p = _bench("--help")
+    assert p.returncode == 0
+    assert time.perf_counter() - t0 < 2.0
+    for cmd in ("run", "models", "train", "eval", "report", "compare"):
+        assert cmd in p.stdout
+
+
+def test_flops_of_every_model_at_1024_on_cpu_in_seconds(tmp_path):
+    import time
+    out = tmp_path / "f.jsonl"
+    t0 = time.perf_counter()
+    p = _bench("run", "--models", "all", "--res", "1024", "--measure", "params,flops",
+               "--device", "cpu", "--out", str(out), "--no-progress")
+    elapsed = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr
+    rows = read_rows(out)
+    assert rows and all(r["status"] == "ok" for r in rows), [r["message"] for r in rows]
+    for r in rows:
+        assert r["gflops"] > 0 and r["gflops_torch"] > 0
+        # both counters agree except the listed fvcore-only categories (norms, upsampling, pools)
+        fvcore_only = sum(v for k, v in r["flops_by_op_gmacs"].items() if k in ("norm", "upsample", "pool"))
+        assert r["gflops"] - 2 * fvcore_only == pytest.approx(r["gflops_torch"], rel=1e-9)
+    assert elapsed < 10 * len(rows) + 10
+
+
+def test_two_worker_sweep_gives_the_same_rows_as_one(tmp_path):
+    """Sharded sweep (issue 8): same configs and counts, each line whole, whatever the order."""
+    common = ["run", "--models", "nafnet_w32,serpent_t", "--res", "32,64", "--measure",
+              "params,flops", "--no-progress"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert _bench(*common, "--out", str(one)).returncode == 0
+    p = _bench(*common, "--out", str(two), "--workers", "2")
+    assert p.returncode == 0, p.stderr
+    keep = ("model", "res", "params", "gflops", "gflops_torch", "status")
+    rows1 = sorted(tuple(r[k] for k in keep) for r in read_rows(one))
+    rows2 = sorted(tuple(r[k] for k in keep) for r in read_rows(two))
+    assert len(rows1) == 4 and rows1 == rows2
