@@ -133,48 +133,57 @@ def chunk_length(l: int) -> int:
     return max(8, 1 << round(math.log2(max(l, 1)) / 2))
 
 
-def _scan_(a: Tensor, x: Tensor, chunk: int) -> Tensor:
-    """In place: x <- h with h_t = a_t * h_{t-1} + x_t along dim 0 (h_{-1} = 0).
+def _scan_(a: Tensor, x: Tensor) -> Tensor:
+    """In place: x <- h with h_t = a_t * h_{t-1} + x_t (h_{-1} = 0).
 
-    a and x are contiguous (L, ...) with L % chunk == 0; a is overwritten with the cumulative
-    decays inside each chunk. Time-leading layout keeps every slice contiguous over the rest.
+    a and x are contiguous (T, nc, ...): step t of chunk c is time c*T + t. Chunk-major time
+    inside the layout makes every in-chunk step one contiguous slice over all chunks. a is
+    overwritten with the cumulative decays inside each chunk (products of a's entries).
     """
-    nc = a.shape[0] // chunk
-    av, xv = a.view(nc, chunk, -1), x.view(nc, chunk, -1)
-    for t in range(1, chunk):  # all chunks advance together
-        xv[:, t].addcmul_(av[:, t], xv[:, t - 1])
+    T, nc = a.shape[:2]
+    av, xv = a.view(T, nc, -1), x.view(T, nc, -1)
+    for t in range(1, T):  # all chunks advance together, each from a zero state
+        xv[t].addcmul_(av[t], xv[t - 1])
         if nc > 1:
-            av[:, t].mul_(av[:, t - 1])
+            av[t].mul_(av[t - 1])
     for c in range(1, nc):  # carry the final state of chunk c-1 into chunk c
-        xv[c].addcmul_(av[c], xv[c - 1, -1])
+        xv[:, c].addcmul_(av[:, c], xv[-1, c - 1])
     return x
+
+
+def _shift(x: Tensor, step: int) -> Tensor:
+    """Shift a (T, nc, ...) sequence by one time step (+1: x_{t+1}, -1: x_{t-1}), zero-filled."""
+    out = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    if step > 0:
+        out[:-1], out[-1, :-1] = x[1:], x[0, 1:]
+    else:
+        out[1:], out[0, 1:] = x[:-1], x[-1, :-1]
+    return out
 
 
 class _LinearScan(torch.autograd.Function):
     """h_t = a_t h_{t-1} + x_t with the analytic backward: g_t = dh_t + a_{t+1} g_{t+1}
-    (the same scan reversed), dx = g, da_t = g_t h_{t-1}. Saves only a and h."""
+    (the same scan, time reversed), dx = g, da_t = g_t h_{t-1}. Saves only a and h."""
 
     @staticmethod
-    def forward(ctx, a, x, chunk):
+    def forward(ctx, a, x):
         cf = torch.contiguous_format
-        h = _scan_(a.clone(memory_format=cf), x.clone(memory_format=cf), chunk)
+        h = _scan_(a.clone(memory_format=cf), x.clone(memory_format=cf))
         ctx.save_for_backward(a, h)
-        ctx.chunk = chunk
         return h
 
     @staticmethod
     def backward(ctx, gh):
         a, h = ctx.saved_tensors
-        a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
-        g = _scan_(a_next.flip(0), gh.flip(0), ctx.chunk).flip(0)
-        da = g * torch.cat([torch.zeros_like(h[:1]), h[:-1]]) if ctx.needs_input_grad[0] else None
-        return da, g, None
+        rev = (0, 1)  # flipping both layout axes reverses time
+        g = _scan_(_shift(a, 1).flip(rev), gh.flip(rev).contiguous()).flip(rev)
+        return (g * _shift(h, -1) if ctx.needs_input_grad[0] else None), g
 
 
-def _linear_scan(a: Tensor, x: Tensor, chunk: int) -> Tensor:
+def _linear_scan(a: Tensor, x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad):
-        return _LinearScan.apply(a, x, chunk)
-    return _scan_(a, x, chunk)  # a, x are temporaries of the caller: scan in place
+        return _LinearScan.apply(a, x)
+    return _scan_(a, x)  # a, x are temporaries of the caller: scan in place
 
 
 def chunked_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -184,18 +193,18 @@ def chunked_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, l = u.shape
     g = B.shape[1]
-    chunk = chunk or chunk_length(l)
-    pad = (0, -l % chunk)  # padded steps have delta = 0: decay 1, input 0, output cropped
-    # time-leading copies of the small (b, d, l)-sized inputs make the big products contiguous
-    dt = rearrange(F.pad(delta, pad), "b d l -> l b d 1").contiguous()
-    dtu = rearrange(F.pad(delta * u, pad), "b (g e) l -> l b g e 1", g=g).contiguous()
-    Bt = rearrange(F.pad(B, pad), "b g n l -> l b g 1 n").contiguous()
-    Ct = rearrange(F.pad(C, pad), "b g n l -> l b g n 1").contiguous()
-    a = torch.exp(dt * A).contiguous()  # (L, b, d, n), entries <= 1 when A < 0
-    x = (dtu * Bt).flatten(2, 3).contiguous()  # (L, b, d, n)
-    h = _linear_scan(a, x, chunk)
-    y = torch.matmul(h.unflatten(2, (g, -1)), Ct)  # (L, b, g, e, 1)
-    y = rearrange(y, "l b g e 1 -> b (g e) l")[..., :l]
+    T = chunk or chunk_length(l)
+    pad = (0, -l % T)  # padded steps have delta = 0: decay 1, input 0, output cropped
+    # (T, nc, ...) copies of the small (b, d, l)-sized inputs make the big products contiguous
+    dt = rearrange(F.pad(delta, pad), "b d (c t) -> t c b d 1", t=T).contiguous()
+    dtu = rearrange(F.pad(delta * u, pad), "b (g e) (c t) -> t c b g e 1", g=g, t=T).contiguous()
+    Bt = rearrange(F.pad(B, pad), "b g n (c t) -> t c b g 1 n", t=T).contiguous()
+    Ct = rearrange(F.pad(C, pad), "b g n (c t) -> t c b g 1 n", t=T).contiguous()
+    a = (dt * A).exp_()  # (T, nc, b, d, n); entries <= 1 when A < 0
+    x = (dtu * Bt).flatten(3, 4)  # (T, nc, b, d, n)
+    h = _linear_scan(a, x).unflatten(3, (g, -1))
+    y = (h * Ct if h.requires_grad else h.mul_(Ct)).sum(-1)  # (T, nc, b, g, e)
+    y = rearrange(y, "t c b g e -> b (g e) (c t)")[..., :l]
     return _finish(y, u, D, z, dtype)
 
 
