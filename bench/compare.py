@@ -76,11 +76,11 @@ def load_rules(path: str | os.PathLike | None = None) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"rules file {path} is not valid JSON: {e}") from None
     if (not isinstance(user, dict) or set(user) - {"bootstrap", "metrics"}
-            or not all(isinstance(user.get(k) or {}, dict) for k in ("bootstrap", "metrics"))):
+            or not all(isinstance(user.get(k, {}), dict) for k in ("bootstrap", "metrics"))):
         raise UsageError(f"rules file {path}: expected an object with keys 'bootstrap' and/or "
                          "'metrics' (see `bench baseline rules` for the defaults)")
-    rules["bootstrap"].update(user.get("bootstrap") or {})
-    for metric, rule in (user.get("metrics") or {}).items():
+    rules["bootstrap"].update(user.get("bootstrap", {}))
+    for metric, rule in user.get("metrics", {}).items():
         if rule is None:
             rules["metrics"].pop(metric, None)
         else:

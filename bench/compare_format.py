@@ -86,6 +86,8 @@ def table(configs: list[ConfigResult], *, escape=lambda s: s) -> tuple[list[str]
                             for m in c.metrics if m.note and m.status != "not_compared"]
         row.append("; ".join(n for n in notes if n)[:160])
         rows.append([escape(str(v)) for v in row])
+    if not any(r[-1] for r in rows):  # no notes at all: drop the empty column
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
     return headers, rows
 
 
