@@ -1,0 +1,88 @@
+"""`bench eval`: score models on evaluation sets (PSNR/SSIM on RGB and Y, LPIPS when available)."""
+from __future__ import annotations
+
+import click
+
+from bench.cli_train import make_task_from, parse_overrides, task_options
+from bench.errors import UsageError
+
+
+@click.command("eval")
+@click.option("--model", "models", required=True,
+              help="Comma list of registered models (scored on identical inputs).")
+@click.option("--weights", default="",
+              help="Comma list aligned with --model: a checkpoint file, official weights, or a "
+                   "`bench train` run folder (its best.pt, else last.pt); '-' = none.")
+@task_options
+@click.option("--eval-set", "eval_sets", required=True,
+              help="Comma list of set names under the data root, or folders.")
+@click.option("--out", default=None, help="Append quality rows to this JSONL results file.")
+@click.option("--save-images", default=None, help="Save restored images (PNG) under this folder.")
+@click.option("--grid", is_flag=True,
+              help="With --save-images: also save input | models | GT comparison grids.")
+@click.option("--tile", type=int, default=None, help="Tile side (input pixels) for big images.")
+@click.option("--tile-overlap", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Inference precision (bf16 = autocast).")
+@click.option("--limit", type=int, default=None, help="First N images of each set.")
+@click.option("--no-lpips", is_flag=True, help="Skip LPIPS (rows say so).")
+@click.option("--allow-overlap", is_flag=True,
+              help="Score even on images the weights were trained on (rows carry the count).")
+@click.option("--no-progress", is_flag=True)
+def eval_cmd(models, weights, task, scale, blur_sigma, kernel_size, noise_sigma, data_root,
+             overrides, eval_sets, out, save_images, grid, tile, tile_overlap, device, dtype,
+             limit, no_lpips, allow_overlap, no_progress):
+    """Evaluate MODELS on deterministic degraded inputs; prints per-set means.
+
+    \b
+    Example:
+      bench eval --model serpent_s,swinir --weights runs/serpent_s_sr8,runs/swinir_sr8 \\
+          --task sr --scale 8 --eval-set Kodak24,Set14,CBSD68 --out results/quality.jsonl
+    """
+    import torch
+
+    from bench.data import data_root as resolve_root
+    from bench.data import load_sets, split_names
+    from bench.environment import environment
+    from bench.evaluate import Metrics, check_train_overlap, evaluate, load_eval_model
+    from bench.registry import resolve_models
+    from bench.results import append_rows
+
+    cfg = make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma)
+    if cfg.blur_sigma_range or cfg.noise_sigma_range:
+        raise UsageError("evaluation degradations are fixed: give single values, not lo:hi")
+    names = resolve_models(models)
+    wlist = split_names(weights)
+    if wlist and len(wlist) != len(names):
+        raise UsageError(f"--weights lists {len(wlist)} entries for {len(names)} models")
+    wlist = [None if w == "-" else w for w in wlist] or [None] * len(names)
+    if grid and not save_images:
+        raise UsageError("--grid needs --save-images DIR")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    root = resolve_root(data_root)
+    sets = load_sets(eval_sets, root, limit=limit)
+    ovr = parse_overrides(overrides)
+    eval_models = [load_eval_model(n, cfg, w, dev, ovr) for n, w in zip(names, wlist)]
+    check_train_overlap(eval_models, sets, allow_overlap)
+    metrics = Metrics(cfg, dev, lpips=not no_lpips)
+    if metrics.lpips is None:
+        click.echo(f"note: LPIPS {metrics.lpips_status}", err=True)
+    rows = evaluate(eval_models, cfg, sets, device=dev, dtype=dtype, tile=tile,
+                    tile_overlap=tile_overlap, metrics=metrics, save_images=save_images,
+                    grid=grid, env=environment(dev), progress=not no_progress)
+    if out:
+        append_rows(out, rows)
+    _print_table(rows)
+    if out:
+        click.echo(f"{len(rows)} rows appended to {out}")
+
+
+def _print_table(rows) -> None:
+    from tabulate import tabulate
+
+    cols = ["model", "dataset", "n_images", "psnr", "ssim", "psnr_y", "ssim_y", "lpips"]
+    means = [[r[c] for c in cols] for r in rows if r["image"] is None]
+    click.echo(tabulate(means, headers=cols, floatfmt=".4f", missingval="-"))

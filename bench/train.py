@@ -1,0 +1,479 @@
+"""Training loop of `bench train`: same data, degradation and budget for every model.
+
+Design points:
+- The data stream is a pure function of (seed, global sample number) (bench.data.TrainCrops),
+  so `--resume` continues exactly, the worker count never changes the data, and under
+  torchrun each rank takes its slice of every global batch (rank r: samples
+  it*B + r*B/W ... ) -- the same global batch whatever the number of ranks.
+- Checkpoints hold model, optimizer, scheduler, iteration, best validation PSNR and every RNG
+  state (torch, CUDA, numpy, python) as tensors/plain types, so they load with
+  ``torch.load(weights_only=True)``. Written atomically (tmp file + os.replace): `last.pt` every
+  --ckpt-every iterations and at the end, `best.pt` when validation PSNR improves.
+- A non-finite loss or gradient norm stops training before the optimizer step, with a message
+  naming the last good checkpoint; nothing is written after the bad step.
+- Logging and checkpointing go through `Dist.is_main`; only rank 0 writes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.errors import UsageError
+from bench.evaluate import (CKPT_FORMAT, TRAIN_CONFIG, TRAIN_IMAGES, psnr_rgb, quantize,
+                            restore)
+from bench.tasks import TaskConfig, eval_pair
+
+LOG_COLUMNS = ["iter", "loss", "lr", "data_wait_fraction", "step_time", "val_psnr", "elapsed_s"]
+# Changing any of these changes what the run computes: --resume refuses a mismatch.
+BUDGET_KEYS = ("model", "task", "scale", "task_config", "iters", "crop", "batch", "lr", "min_lr",
+               "warmup", "weight_decay", "betas", "loss", "grad_clip", "dtype", "seed",
+               "train_sets", "model_overrides")
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient became NaN/Inf; the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    task: str
+    train_sets: list[str]
+    iters: int
+    crop: int
+    batch: int
+    out_dir: str
+    scale: int = 1
+    task_config: dict = field(default_factory=dict)  # TaskConfig.to_dict(), filled by prepare
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    warmup: int | None = None  # None: 5% of iters (at most 1000)
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    loss: str = "l1"
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    val_sets: list[str] = field(default_factory=list)
+    val_every: int | None = None  # None: iters // 5 when a val set is given
+    val_limit: int | None = None
+    ckpt_every: int | None = None  # None: iters // 10 (at least 1)
+    log_every: int = 10
+    stop_at: int | None = None  # stop after this iteration (checkpoint written), resume later
+    resume: str | None = None  # checkpoint path, or "auto" = <out_dir>/last.pt
+    device: str = "auto"
+    dtype: str = "auto"  # bf16 on CUDA, fp32 on CPU
+    workers: int = 4
+    seed: int = 0
+    data_root: str | None = None
+    holdout_sets: list[str] = field(default_factory=list)
+    drop_overlap: bool = False
+    model_overrides: dict = field(default_factory=dict)
+    progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        c = TrainConfig(**asdict(self))
+        if c.iters < 1 or c.batch < 1 or c.crop < 1:
+            raise UsageError("--iters, --batch and --crop must be positive")
+        if c.loss not in LOSSES:
+            raise UsageError(f"--loss must be one of {', '.join(LOSSES)}")
+        c.warmup = min(c.iters // 20, 1000) if c.warmup is None else c.warmup
+        c.val_every = (max(1, c.iters // 5) if c.val_sets else 0) if c.val_every is None \
+            else c.val_every
+        c.ckpt_every = max(1, c.iters // 10) if c.ckpt_every is None else c.ckpt_every
+        if c.device == "auto":
+            c.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if c.dtype == "auto":
+            c.dtype = "bf16" if c.device.startswith("cuda") else "fp32"
+        if c.dtype not in ("bf16", "fp32"):
+            raise UsageError("--dtype must be bf16 or fp32")
+        c.betas = tuple(c.betas)
+        return c
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def charbonnier(x, y, eps: float = 1e-3):
+    return torch.sqrt((x - y) ** 2 + eps * eps).mean()
+
+
+LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "charbonnier": charbonnier}
+
+
+def lr_factor(it: int, iters: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up from 1/warmup to 1, then cosine decay to min_ratio at the last step."""
+    if warmup and it < warmup:
+        return (it + 1) / warmup
+    t = (it - warmup) / max(1, iters - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Process-group view: rank-aware logging, checkpointing and data slicing (torchrun ready)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            raise UsageError("bench train under torchrun (WORLD_SIZE > 1) is not implemented yet "
+                             "(issue 8); run it as a single process")
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class SampleIndices(torch.utils.data.Sampler):
+    """Global sample numbers of this rank, iteration by iteration, from `start` on."""
+
+    def __init__(self, start: int, iters: int, global_batch: int, dist: Dist):
+        if global_batch % dist.world:
+            raise UsageError(f"--batch {global_batch} is not divisible by {dist.world} ranks")
+        self.start, self.iters, self.gb, self.dist = start, iters, global_batch, dist
+        self.local = global_batch // dist.world
+
+    def __iter__(self):
+        for it in range(self.start, self.iters):
+            base = it * self.gb + self.dist.rank * self.local
+            yield from range(base, base + self.local)
+
+    def __len__(self) -> int:
+        return (self.iters - self.start) * self.local
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every RNG state as tensors and plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then os.replace."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint to resume from not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise UsageError(f"{path} is not a `bench train` checkpoint")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ModelSpec:
+    """What the loop needs besides the module (filled from the registry, or by tests)."""
+
+    module: torch.nn.Module
+    multiple: int = 1
+    upsampler: bool = False
+    family: str | None = None
+
+
+def build_model(cfg: TrainConfig, task: TaskConfig) -> ModelSpec:
+    from bench.registry import create_model, model_info
+
+    info = model_info(cfg.model)
+    module = create_model(cfg.model, task=task.task, scale=task.scale, **cfg.model_overrides)
+    return ModelSpec(module, info.multiple, bool(info.upsampler), info.family)
+
+
+def _check_crop(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec) -> None:
+    side = cfg.crop // task.scale if (task.task == "sr" and spec.upsampler) else cfg.crop
+    if side % spec.multiple:
+        raise UsageError(f"{cfg.model} needs input sides divisible by {spec.multiple}; --crop "
+                         f"{cfg.crop} gives {side}. Pick a crop that makes it divisible")
+
+
+def _load_data(cfg: TrainConfig, task: TaskConfig, warn):
+    """Training images (overlap with val/holdout sets refused or dropped) and val images."""
+    from bench.data import data_root, find_overlaps, load_sets, split_names
+
+    root = data_root(cfg.data_root)
+    train = [r for recs in load_sets(cfg.train_sets, root).values() for r in recs]
+    val = load_sets(cfg.val_sets, root, limit=cfg.val_limit) if cfg.val_sets else {}
+    held = dict(val)
+    for name in split_names(cfg.holdout_sets):
+        if name not in held:
+            held.update(load_sets([name], root))
+    others = [r for recs in held.values() for r in recs]
+    pairs = find_overlaps(train, others)
+    dropped = sorted({a for a, _, _ in pairs})
+    if pairs and not cfg.drop_overlap:
+        ex = ", ".join(f"{a} = {b}" for a, b, _ in pairs[:4])
+        raise UsageError(f"{len(dropped)} training image(s) also appear in the validation/holdout "
+                         f"sets (e.g. {ex}); use disjoint sets or pass --drop-overlap to leave "
+                         "them out of training")
+    if dropped:
+        warn(f"dropping {len(dropped)} training image(s) that appear in "
+             f"{', '.join(held)}: {', '.join(dropped[:6])}{' ...' if len(dropped) > 6 else ''}")
+        train = [r for r in train if r.id not in set(dropped)]
+    s = task.scale
+    fits = [r for r in train if min(r.hw[0] - r.hw[0] % s, r.hw[1] - r.hw[1] % s) >= cfg.crop]
+    small = [r.id for r in train if r.id not in {f.id for f in fits}]
+    if small:
+        warn(f"skipping {len(small)} training image(s) smaller than the {cfg.crop}x{cfg.crop} "
+             f"crop: {', '.join(small[:6])}{' ...' if len(small) > 6 else ''}")
+    return root, fits, val, dropped
+
+
+def _validate(spec: ModelSpec, val_pairs, task: TaskConfig, device, autocast: bool) -> float:
+    """Mean RGB PSNR (8-bit quantized, border = scale for SR) over the validation images."""
+    spec.module.eval()
+    s = task.scale if (task.task == "sr" and spec.upsampler) else 1
+    border = task.scale if task.task == "sr" else 0
+    vals = []
+    for gt, inp in val_pairs:
+        out = restore(spec.module, inp.to(device), multiple=spec.multiple, out_scale=s,
+                      autocast=autocast)
+        vals.append(psnr_rgb(quantize(out).cpu(), gt, border))
+    spec.module.train()
+    return float(np.mean(vals))
+
+
+class _CsvLog:
+    def __init__(self, path: Path, keep_until: int | None):
+        self.path = path
+        rows = []
+        if keep_until is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iter"]) <= keep_until]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> dict:
+    """Run (or resume) one training; returns a summary dict. See module doc."""
+    from tqdm import tqdm
+
+    from bench.data import TrainCrops, record_summary, to_tensor
+
+    dist = Dist.from_env()
+    cfg = cfg.resolved()
+    cfg.scale, cfg.task_config = task.scale, task.to_dict()
+    device = torch.device(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    messages: list[str] = []
+
+    def warn(msg: str) -> None:
+        messages.append(msg)
+        if dist.is_main:
+            print(f"bench train: warning: {msg}", file=sys.stderr)
+
+    # Model init is seeded, so two runs with the same seed start from the same weights.
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2 ** 32)
+    random.seed(cfg.seed)
+    if spec is None:
+        spec = build_model(cfg, task)
+    _check_crop(cfg, task, spec)
+    model = spec.module.to(device).train()
+
+    root, train_images, val_sets, dropped = _load_data(cfg, task, warn)
+    dataset = TrainCrops(train_images, task, cfg.crop, upsampler=spec.upsampler, seed=cfg.seed)
+    val_pairs = [eval_pair(to_tensor(r.array)[None], r.id, task, spec.upsampler)[:2]
+                 for recs in val_sets.values() for r in recs]
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=cfg.betas)
+    min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: lr_factor(it, cfg.iters, cfg.warmup, min_ratio))
+
+    start, best = 0, None
+    config = {**asdict(cfg), "params": sum(p.numel() for p in model.parameters()),
+              "family": spec.family, "multiple": spec.multiple, "upsampler": spec.upsampler,
+              "n_train_images": len(train_images), "dropped_overlap": dropped,
+              "data_root": str(root) if root else None, "command": sys.argv}
+    resume = (out / "last.pt") if cfg.resume == "auto" else cfg.resume
+    if resume:
+        ckpt = load_checkpoint(resume)
+        old = ckpt["config"]
+        diff = [k for k in BUDGET_KEYS if _norm(old.get(k)) != _norm(config.get(k))]
+        if diff:
+            raise UsageError(f"cannot resume {resume}: it was trained with different "
+                             + ", ".join(f"{k}={old.get(k)!r} (now {config.get(k)!r})"
+                                         for k in diff))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start, best = int(ckpt["iteration"]), ckpt.get("best_val_psnr")
+        set_rng_state(ckpt["rng"], device)
+        config["resumed_from"] = {"path": str(resume), "iteration": start}
+
+    if dist.is_main:
+        from bench.environment import environment
+
+        config["environment"] = environment(device)
+        atomic_write_text(json.dumps(config, indent=2, default=str), out / TRAIN_CONFIG)
+        atomic_write_text(json.dumps([record_summary(r) for r in train_images]),
+                          out / TRAIN_IMAGES)
+    log = _CsvLog(out / "train_log.csv", start if resume else None) if dist.is_main else None
+
+    stop = min(cfg.iters, cfg.stop_at or cfg.iters)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch // dist.world,
+        sampler=SampleIndices(start, cfg.iters, cfg.batch, dist), num_workers=cfg.workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+        generator=torch.Generator())  # keeps the loader from drawing on the global torch RNG
+    loss_fn = LOSSES[cfg.loss]
+    autocast = cfg.dtype == "bf16"
+    last_ckpt = (str(out / "last.pt"), start) if resume else None
+
+    def save(it: int, name: str = "last.pt") -> None:
+        nonlocal last_ckpt
+        if not dist.is_main:
+            return
+        atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "iteration": it, "best_val_psnr": best, "rng": rng_state(device),
+                     "config": json.loads(json.dumps(config, default=str)),
+                     "data": {"seed": cfg.seed, "samples_seen": it * cfg.batch}}, out / name)
+        if name == "last.pt":
+            last_ckpt = (str(out / name), it)
+
+    bar = tqdm(total=cfg.iters, initial=start, disable=not (cfg.progress and dist.is_main),
+               unit="it", dynamic_ncols=True)
+    window = {"loss": 0.0, "wait": 0.0, "time": 0.0, "n": 0}
+    wait_total = time_total = 0.0
+    t_run = time.perf_counter()
+    it = start
+    data_iter = iter(loader)
+    val_psnr = None
+    try:
+        while it < stop:
+            t0 = time.perf_counter()
+            inp, target = next(data_iter)
+            inp = inp.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            t_data = time.perf_counter() - t0
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                pred = model(inp)
+            loss = loss_fn(pred.float(), target)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(_diverged("loss", loss_value, it + 1, last_ckpt))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if not torch.isfinite(norm):
+                    raise TrainingDiverged(_diverged("gradient norm", float(norm), it + 1,
+                                                     last_ckpt))
+            opt.step()
+            sched.step()
+            it += 1
+            step = time.perf_counter() - t0
+            window["loss"] += loss_value
+            window["wait"] += t_data
+            window["time"] += step
+            window["n"] += 1
+            wait_total += t_data
+            time_total += step
+            val_psnr = None
+            if cfg.val_every and val_pairs and (it % cfg.val_every == 0 or it == cfg.iters):
+                val_psnr = _validate(spec, val_pairs, task, device, autocast)
+                if best is None or val_psnr > best:
+                    best = val_psnr
+                    save(it, "best.pt")
+            if it % cfg.ckpt_every == 0 or it == stop:
+                save(it)
+            if log is not None and (it % cfg.log_every == 0 or it == stop or val_psnr is not None):
+                n = window["n"]
+                lr_now = opt.param_groups[0]["lr"]
+                log.write({"iter": it, "loss": f"{window['loss'] / n:.6g}", "lr": f"{lr_now:.6g}",
+                           "data_wait_fraction": f"{window['wait'] / window['time']:.4f}",
+                           "step_time": f"{window['time'] / n:.6g}",
+                           "val_psnr": "" if val_psnr is None else f"{val_psnr:.4f}",
+                           "elapsed_s": f"{time.perf_counter() - t_run:.2f}"})
+                bar.set_postfix(loss=f"{window['loss'] / n:.4g}",
+                                wait=f"{window['wait'] / window['time']:.0%}",
+                                **({"val": f"{val_psnr:.2f}"} if val_psnr is not None else {}))
+                window = {"loss": 0.0, "wait": 0.0, "time": 0.0, "n": 0}
+            bar.update()
+    finally:
+        bar.close()
+        del data_iter
+    summary = {"iteration": it, "finished": it >= cfg.iters, "best_val_psnr": best,
+               "last_val_psnr": val_psnr, "wall_s": time.perf_counter() - t_run,
+               "data_wait_fraction": wait_total / time_total if time_total else None,
+               "mean_step_time": time_total / max(1, it - start), "warnings": messages}
+    if dist.is_main:
+        config["result"] = summary
+        atomic_write_text(json.dumps(config, indent=2, default=str), out / TRAIN_CONFIG)
+    return summary
+
+
+def _norm(v):
+    """Compare config values after a JSON round trip (tuples become lists)."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def _diverged(what: str, value: float, it: int, last_ckpt) -> str:
+    where = (f"last good checkpoint: {last_ckpt[0]} (iteration {last_ckpt[1]}); lower --lr or "
+             "--grad-clip and resume from it with --resume" if last_ckpt
+             else "no checkpoint was written yet")
+    return f"training stopped: {what} became {value} at iteration {it}; {where}"
