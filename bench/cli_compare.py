@@ -67,8 +67,10 @@ def baseline():
               help="Directory for baselines named after their environment key.")
 @click.option("--force", is_flag=True, help="Replace an existing baseline file.")
 def update(results_file, out, out_dir, force):
-    """Write a baseline from a RESULTS file: every row kept whatever its status (one per config,
-    the last), written atomically."""
+    """Write baselines from a RESULTS file (every status kept, atomically).
+
+    One row per config (the last one, if a config appears twice); ok, oom, error and skipped rows
+    are all kept, so that `compare` sees ok -> oom and oom -> ok."""
     from bench.compare import baseline_filename, baseline_groups, env_label, write_jsonl_atomic
     from bench.errors import UsageError
 
@@ -95,7 +97,7 @@ def update(results_file, out, out_dir, force):
 
 @baseline.command("rules")
 def rules():
-    """Print the default comparison rules as JSON (a template for `bench compare --rules`)."""
+    """Print the default rules as JSON (template for --rules)."""
     from bench.compare import load_rules
 
     click.echo(json.dumps(load_rules(), indent=2))
@@ -104,7 +106,9 @@ def rules():
 @baseline.command("name")
 @click.argument("results_file", metavar="RESULTS")
 def name(results_file):
-    """Print the baseline file name(s) for the environment key(s) of a RESULTS file."""
+    """Print the baseline path for a RESULTS file's environment.
+
+    One line per environment key in RESULTS: results/baselines/<name derived from the key>."""
     from bench.compare import baseline_filename, baseline_groups
 
     for env in baseline_groups(results_file)[0]:
