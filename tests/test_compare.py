@@ -375,3 +375,16 @@ def test_baseline_filename_and_rules_commands(capsys):
     assert baseline_filename((DEVICE_INDEPENDENT, "2.14.1", None)) == "cpu-flops.jsonl"
     code, out, _ = cli(["baseline", "rules"], capsys)
     assert code == 0 and json.loads(out)["metrics"]["mem_peak_alloc_mb"]["tolerance"] == 0.02
+
+
+def test_committed_cpu_baseline_is_a_device_independent_baseline():
+    from pathlib import Path
+
+    from bench.compare import load_rowset
+
+    path = Path(__file__).resolve().parent.parent / "results" / "baselines" / "cpu-flops.jsonl"
+    rs = load_rowset(path, "baseline")
+    (env,) = rs.rows  # one environment key, and it is the device-independent one
+    assert env[0] == DEVICE_INDEPENDENT and not rs.notes  # no duplicates, no foreign rows
+    assert baseline_filename(env) == path.name
+    assert all(r["gflops"] > 0 and r["params"] > 0 for r in rs.rows[env].values())
