@@ -16,7 +16,7 @@ def meta_model(**kw):
 
 
 @pytest.mark.parametrize("task,scale,expected", [
-    ("sr", 2, 20_421_863),  # classical SR x2 (the published 20.42M)
+    ("sr", 2, 20_421_863),  # classical SR x2
     ("sr", 3, 20_606_503),
     ("sr", 4, 20_569_575),
     ("sr", 8, 20_717_287),  # same network, three x2 PixelShuffle stages (no official weights)
