@@ -1,1 +1,292 @@
-"""Serpent model (work in progress: filled by the Serpent issue)."""
+"""Serpent: multi-scale selective-state-space image restoration (our reading of arXiv 2403.17902).
+
+The official code is not available; this follows the paper's description (see MODEL_CARD.md for
+which hyperparameters are ours): patch embedding -> U-Net of Serpent blocks (encoder stages with
+2x downsampling and doubling channels, bottleneck, decoder with skip connections) -> PixelShuffle
+un-embedding -> output conv, plus a global residual. A Serpent block is pre-norm
+`x + MSSM(LN(x))`, `x + FFN(LN(x))`; MSSM runs Mamba's selective scan (S6) over a pyramid of
+scales, each unrolled into four directional sequences that go through ONE scan call (directions
+stacked along channels, B and C grouped per direction, as VMamba's cross-scan does).
+
+File order as in timm: helpers (scan paths, init), blocks, model, registered constructors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, trunc_normal_
+
+from serpent.registry import register_model
+from serpent.scan import selective_scan
+
+PATHS = ("raster", "serpentine")
+
+# --------------------------------------------------------------------------- helpers: scan paths
+
+
+def _snake(x: torch.Tensor) -> torch.Tensor:
+    """Reverse every other row of (..., rows, cols): raster order <-> boustrophedon. Involution."""
+    out = x.clone()
+    out[..., 1::2, :] = x[..., 1::2, :].flip(-1)
+    return out
+
+
+def _rows(x: torch.Tensor, path: str) -> torch.Tensor:
+    return _snake(x) if path == "serpentine" else x
+
+
+def unroll(x: torch.Tensor, path: str = "serpentine") -> torch.Tensor:
+    """(b, c, h, w) -> (b, 4, c, h*w): along rows, along columns, and both reversed.
+
+    "raster" restarts every row (column) at its first pixel; "serpentine" walks alternate rows
+    (columns) backwards, so consecutive sequence elements are always 4-neighbours in the image.
+    """
+    if path not in PATHS:
+        raise ValueError(f"scan path must be one of {PATHS}, got {path!r}")
+    rows = _rows(x, path).flatten(-2)
+    cols = _rows(x.transpose(-2, -1), path).flatten(-2)
+    fwd = torch.stack([rows, cols], dim=1)
+    return torch.cat([fwd, fwd.flip(-1)], dim=1)
+
+
+def _from_rows(s: torch.Tensor, h: int, w: int, path: str) -> torch.Tensor:
+    return _rows(s.unflatten(-1, (h, w)), path)
+
+
+def _from_cols(s: torch.Tensor, h: int, w: int, path: str) -> torch.Tensor:
+    return _rows(s.unflatten(-1, (w, h)), path).transpose(-2, -1)
+
+
+def roll_back(y: torch.Tensor, h: int, w: int, path: str = "serpentine") -> torch.Tensor:
+    """Inverse of `unroll`: (b, 4, c, h*w) -> (b, 4, c, h, w), each direction on the grid."""
+    return torch.stack([_from_rows(y[:, 0], h, w, path), _from_cols(y[:, 1], h, w, path),
+                        _from_rows(y[:, 2].flip(-1), h, w, path),
+                        _from_cols(y[:, 3].flip(-1), h, w, path)], dim=1)
+
+
+def merge_directions(y: torch.Tensor, h: int, w: int, path: str = "serpentine") -> torch.Tensor:
+    """`roll_back(y).sum(1)`, summing each reversed direction with its forward one first."""
+    return (_from_rows(y[:, 0] + y[:, 2].flip(-1), h, w, path)
+            + _from_cols(y[:, 1] + y[:, 3].flip(-1), h, w, path))
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, -w % multiple, 0, -h % multiple), mode="replicate")
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class DirectionalSSM(nn.Module):
+    """S6 over the four directional sequences of one scale; own parameters per direction.
+
+    Parameter layout follows VMamba's SS2D (x_proj_weight, dt_projs_*, A_logs, Ds), with Mamba's
+    initialisation: S4D-real A = -(1..N), dt = softplus(bias) log-uniform in [dt_min, dt_max].
+    """
+
+    def __init__(self, *, dim: int, d_state: int, dt_rank: int, dt_min: float = 1e-3,
+                 dt_max: float = 0.1, scan_backend: str = "auto", path: str = "serpentine"):
+        super().__init__()
+        k = 4
+        self.d_state, self.dt_rank, self.scan_backend, self.path = d_state, dt_rank, scan_backend, path
+        bound = dim ** -0.5  # nn.Linear's default init range for fan-in `dim`
+        self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, dim).uniform_(-bound, bound))
+        std = dt_rank ** -0.5
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, dim, dt_rank).uniform_(-std, std))
+        dt = torch.exp(torch.rand(k, dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=1e-4)
+        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
+        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(k * dim, 1))
+        self.Ds = nn.Parameter(torch.ones(k * dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, c, h, w) -> (b, c, h, w): scan four directions in one call, roll back, sum."""
+        h, w = x.shape[-2:]
+        xs = unroll(x, self.path)  # (b, k, c, l)
+        x_dbl = torch.einsum("bkcl,kjc->bkjl", xs, self.x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        dts = torch.einsum("bkrl,kcr->bkcl", dts, self.dt_projs_weight)
+        y = selective_scan(
+            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(self.A_logs.float()),
+            Bs.contiguous(), Cs.contiguous(), self.Ds.float(), None,
+            self.dt_projs_bias.flatten().float(), delta_softplus=True, backend=self.scan_backend)
+        return merge_directions(y.unflatten(1, (4, -1)), h, w, self.path)
+
+
+class MSSM(nn.Module):
+    """Multi-scale selective-scan mixer on channels-last maps (b, h, w, c).
+
+    in-proj to (x, z); depthwise 3x3 conv + SiLU on x; for each pyramid scale s (x, avgpool2(x),
+    avgpool4(x), ...) a DirectionalSSM; every scale upsampled to the finest and fused by a 1x1
+    projection of their concatenation; LayerNorm; gate with SiLU(z); out-projection.
+    """
+
+    def __init__(self, *, dim: int, expand: float = 2.0, d_state: int = 16, num_scales: int = 3,
+                 scan_path: str = "serpentine", scan_backend: str = "auto"):
+        super().__init__()
+        inner = int(expand * dim)
+        self.in_proj = nn.Linear(dim, 2 * inner)
+        self.dwconv = nn.Conv2d(inner, inner, 3, padding=1, groups=inner)
+        self.ssms = nn.ModuleList(
+            DirectionalSSM(dim=inner, d_state=d_state, dt_rank=math.ceil(dim / 16),
+                           scan_backend=scan_backend, path=scan_path) for _ in range(num_scales))
+        self.fuse = nn.Linear(num_scales * inner, inner) if num_scales > 1 else nn.Identity()
+        self.out_norm = nn.LayerNorm(inner)
+        self.out_proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[1:3]
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = F.silu(self.dwconv(rearrange(x, "b h w c -> b c h w")))
+        scales = []
+        for s, ssm in enumerate(self.ssms):
+            xs = F.avg_pool2d(x, 2 ** s, ceil_mode=True) if s else x  # partial windows: mean of valid
+            ys = ssm(xs)
+            if s:
+                ys = F.interpolate(ys, size=(h, w), mode="bilinear", align_corners=False)
+            scales.append(rearrange(ys, "b c h w -> b h w c"))
+        y = self.out_norm(self.fuse(torch.cat(scales, dim=-1)))
+        return self.out_proj(y * F.silu(z))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, *, dim: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SerpentBlock(nn.Module):
+    """Pre-norm residual block: x + MSSM(LN(x)), then x + FFN(LN(x)); channels-last."""
+
+    def __init__(self, *, dim: int, mlp_ratio: float, drop_path: float = 0.0, **mssm):
+        super().__init__()
+        self.norm1, self.mixer = nn.LayerNorm(dim), MSSM(dim=dim, **mssm)
+        self.norm2, self.ffn = nn.LayerNorm(dim), FeedForward(dim=dim, mlp_ratio=mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path(self.mixer(self.norm1(x)))
+        return x + self.drop_path(self.ffn(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """Serpent blocks on an NCHW map (channels-last inside, one permute each way)."""
+
+    def __init__(self, *, dim: int, depth: int, drop_path: list[float], **block):
+        super().__init__()
+        self.blocks = nn.Sequential(*(SerpentBlock(dim=dim, drop_path=dp, **block) for dp in drop_path[:depth]))
+
+    def forward(self, x):
+        return rearrange(self.blocks(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Serpent(nn.Module):
+    """U-Net of Serpent blocks; maps (B, 3, H, W) to (B, 3, H, W) for any H, W.
+
+    depths[i] blocks at encoder level i (channels embed_dim * 2**i), depths[-1] in the bottleneck;
+    dec_depths[i] blocks at decoder level i (shallow first, len(depths) - 1 of them).
+    """
+
+    def __init__(self, *, in_chans: int = 3, embed_dim: int = 32, depths=(2, 2, 4),
+                 dec_depths=(2, 2), patch_size: int = 4, expand: float = 2.0, d_state: int = 16,
+                 num_scales: int = 3, mlp_ratio: float = 2.0, scan_path: str = "serpentine",
+                 drop_path_rate: float = 0.0, scan_backend: str = "auto"):
+        super().__init__()
+        if len(dec_depths) != len(depths) - 1:
+            raise ValueError(f"need len(dec_depths) == len(depths) - 1, got {dec_depths}, {depths}")
+        levels = len(depths)
+        self.multiple = patch_size * 2 ** (levels - 1)
+        dims = [embed_dim * 2 ** i for i in range(levels)]
+        block = dict(mlp_ratio=mlp_ratio, expand=expand, d_state=d_state, num_scales=num_scales,
+                     scan_path=scan_path, scan_backend=scan_backend)
+        rates = torch.linspace(0, drop_path_rate, sum(depths) + sum(dec_depths)).tolist()
+        rate_iter = iter(rates)
+
+        def stage(dim, depth):
+            return Stage(dim=dim, depth=depth, drop_path=[next(rate_iter) for _ in range(depth)], **block)
+
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.encoder = nn.ModuleList(stage(dims[i], depths[i]) for i in range(levels - 1))
+        self.downs = nn.ModuleList(nn.Conv2d(dims[i], dims[i + 1], 2, stride=2) for i in range(levels - 1))
+        self.bottleneck = stage(dims[-1], depths[-1])
+        # decoder modules are listed deepest first, the order forward() uses them
+        self.ups = nn.ModuleList(nn.Sequential(nn.Conv2d(dims[i + 1], 4 * dims[i], 1), nn.PixelShuffle(2))
+                                 for i in reversed(range(levels - 1)))
+        self.reduces = nn.ModuleList(nn.Conv2d(2 * dims[i], dims[i], 1) for i in reversed(range(levels - 1)))
+        self.decoder = nn.ModuleList(stage(dims[i], dec_depths[i]) for i in reversed(range(levels - 1)))
+        self.unembed = nn.Sequential(nn.Conv2d(embed_dim, embed_dim * patch_size ** 2, 1),
+                                     nn.PixelShuffle(patch_size))
+        self.conv_out = nn.Conv2d(embed_dim, in_chans, 3, padding=1)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        x = _pad_to(img, self.multiple)
+        feat = self.patch_embed(x)
+        skips = []
+        for stage, down in zip(self.encoder, self.downs):
+            feat = stage(feat)
+            skips.append(feat)
+            feat = down(feat)
+        feat = self.bottleneck(feat)
+        for up, reduce, stage in zip(self.ups, self.reduces, self.decoder):
+            feat = stage(reduce(torch.cat([up(feat), skips.pop()], dim=1)))
+        out = self.conv_out(self.unembed(feat)) + x
+        return out[..., :h, :w]
+
+
+# --------------------------------------------------------------------------- constructors
+
+REFERENCE = ("Sepehri, Fabian, Soltanolkotabi: 'Serpent: Scalable and Efficient Image Restoration "
+             "via Multi-scale Structured State Space Models', arXiv 2403.17902 (NGSM workshop, "
+             "ICML 2024); official code not available, our reading of the paper")
+NOTES = ("x1 network: for SR it gets the bicubic upsample (upsampler=False); "
+         "hyperparameters are ours (serpent/MODEL_CARD.md)")
+_REG = dict(family="ssm", multiple=1, upsampler=False, reference=REFERENCE,
+            tasks=("deblur", "denoise", "sr"), scales=(2, 3, 4, 8))
+
+CONFIGS = {
+    "serpent_t": dict(embed_dim=16, depths=(2, 2, 4), dec_depths=(2, 2)),
+    "serpent_s": dict(embed_dim=32, depths=(2, 2, 4), dec_depths=(2, 2)),
+    "serpent_b": dict(embed_dim=48, depths=(2, 4, 6), dec_depths=(2, 4)),
+}
+# task and scale only decide what the harness feeds (the same x1 network for every task)
+
+
+@register_model(**_REG, notes="tiny variant; " + NOTES)
+def serpent_t(*, task: str = "deblur", scale: int = 1, **overrides) -> Serpent:
+    return Serpent(**{**CONFIGS["serpent_t"], **overrides})
+
+
+@register_model(**_REG, notes="small variant (the default, also registered as 'serpent'); " + NOTES)
+def serpent_s(*, task: str = "deblur", scale: int = 1, **overrides) -> Serpent:
+    return Serpent(**{**CONFIGS["serpent_s"], **overrides})
+
+
+@register_model(**_REG, notes="base variant; " + NOTES)
+def serpent_b(*, task: str = "deblur", scale: int = 1, **overrides) -> Serpent:
+    return Serpent(**{**CONFIGS["serpent_b"], **overrides})
+
+
+register_model(name="serpent", **_REG, notes="default variant = serpent_s; " + NOTES)(serpent_s)
