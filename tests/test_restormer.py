@@ -1,0 +1,115 @@
+"""Restormer: official sizes, SDPA vs the official math path, the LayerNorms vs their formulas."""
+import pytest
+import torch
+
+import bench
+from baselines.attention import set_attn_impl
+from baselines.restormer import LayerNorm, Restormer
+
+TINY = dict(dim=8, num_blocks=[1, 2, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4])
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    model = Restormer(**{**TINY, **kw}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("temperature"):
+                p.uniform_(0.5, 4.0)  # the official init is 1: make the scale matter
+            elif "norm" in name:
+                p.normal_(0 if name.endswith("bias") else 1, 0.2)
+    return model
+
+
+def param_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def expected_params(with_bias: bool) -> int:
+    """The official Restormer's size, block by block (bias=False convs, 3x3 dwconvs)."""
+    def block(c, heads):
+        hidden = int(c * 2.66)
+        norms = 2 * (2 * c if with_bias else c)
+        attn = heads + 3 * c * c + 3 * c * 9 + c * c
+        ffn = c * 2 * hidden + 2 * hidden * 9 + hidden * c
+        return norms + attn + ffn
+
+    d = 48
+    blocks = (4 * block(d, 1) + 6 * block(2 * d, 2) + 6 * block(4 * d, 4) + 8 * block(8 * d, 8)
+              + 6 * block(4 * d, 4) + 6 * block(2 * d, 2) + 4 * block(2 * d, 1)
+              + 4 * block(2 * d, 1))
+    convs = (3 * d * 9 + sum(c * c // 2 * 9 for c in (d, 2 * d, 4 * d))  # embed, downsamples
+             + sum(c * 2 * c * 9 for c in (8 * d, 4 * d, 2 * d))  # upsamples
+             + 8 * d * 4 * d + 4 * d * 2 * d + 2 * d * 3 * 9)  # reduce_chan x2, output
+    return blocks + convs
+
+
+def test_official_parameter_counts():
+    with torch.device("meta"):
+        deblur = bench.create_model("restormer", task="deblur")
+        denoise = bench.create_model("restormer", task="denoise")
+        sr = bench.create_model("restormer", task="sr", scale=4)
+    assert param_count(deblur) == param_count(sr) == 26_126_644 == expected_params(True)  # 26.13M
+    assert param_count(denoise) == 26_111_668 == expected_params(False)  # BiasFree LayerNorm
+
+
+def test_registry_entry_and_attn_impl_override():
+    info = bench.registry.model_info("restormer")
+    assert (info.family, info.multiple, info.upsampler) == ("attention", 8, False)
+    with torch.device("meta"):
+        model = bench.create_model("restormer", task="deblur", attn_impl="math")
+    impls = {m.attn_impl for m in model.modules() if hasattr(m, "attn_impl")}
+    assert impls == {"math"}
+    with pytest.raises(ValueError, match="attn_impl"):
+        Restormer(**TINY, attn_impl="flash")
+
+
+@pytest.mark.parametrize("norm", ["WithBias", "BiasFree"])
+@pytest.mark.parametrize("size", [(24, 40), (16, 8)])
+def test_sdpa_equals_math(norm, size):
+    model = tiny(LayerNorm_type=norm)
+    x = torch.rand(2, 3, *size)
+    with torch.no_grad():
+        a = set_attn_impl(model, "sdpa")(x)
+        b = set_attn_impl(model, "math")(x)
+    assert a.shape == x.shape
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_gradients_equal_between_paths():
+    model = tiny().train()
+    x = torch.rand(1, 3, 16, 24)
+    grads = {}
+    for impl in ("sdpa", "math"):
+        model.zero_grad()
+        set_attn_impl(model, impl)(x).square().mean().backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads["sdpa"].items():
+        assert torch.allclose(g, grads["math"][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_input_must_be_a_multiple_of_8():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        tiny()(torch.rand(1, 3, 20, 24))
+
+
+@pytest.mark.parametrize("kind", ["WithBias", "BiasFree"])
+def test_layernorm_is_the_official_formula(kind):
+    torch.manual_seed(1)
+    norm = LayerNorm(6, kind)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_(0.5, 1.0)
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    t = x.permute(0, 2, 3, 1)  # official to_3d: normalise each pixel over channels
+    var = t.var(-1, keepdim=True, unbiased=False)
+    if kind == "WithBias":
+        ref = (t - t.mean(-1, keepdim=True)) / torch.sqrt(var + 1e-5)
+        ref = ref * norm.body.weight + norm.body.bias
+    else:
+        ref = t / torch.sqrt(var + 1e-5) * norm.body.weight
+    out = norm(x)
+    assert (out - ref.permute(0, 3, 1, 2)).abs().max() < 1e-5
+    assert out.is_contiguous()  # NCHW in, NCHW out
+    assert norm(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last)
