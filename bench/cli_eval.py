@@ -26,13 +26,14 @@ from bench.errors import UsageError
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Inference precision (bf16 = autocast).")
 @click.option("--limit", type=int, default=None, help="First N images of each set.")
+@click.option("--images", default="", help="Only these images (comma list of file stems).")
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS (rows say so).")
 @click.option("--allow-overlap", is_flag=True,
               help="Score even on images the weights were trained on (rows carry the count).")
 @click.option("--no-progress", is_flag=True)
 def eval_cmd(models, weights, task, scale, blur_sigma, kernel_size, noise_sigma, data_root,
              overrides, eval_sets, out, save_images, grid, tile, tile_overlap, device, dtype,
-             limit, no_lpips, allow_overlap, no_progress):
+             limit, images, no_lpips, allow_overlap, no_progress):
     """Evaluate MODELS on deterministic degraded inputs; prints per-set means.
 
     \b
@@ -63,10 +64,11 @@ def eval_cmd(models, weights, task, scale, blur_sigma, kernel_size, noise_sigma,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     root = resolve_root(data_root)
-    sets = load_sets(eval_sets, root, limit=limit)
+    sets = load_sets(eval_sets, root, limit=limit, only=split_names(images) or None)
     ovr = parse_overrides(overrides)
     eval_models = [load_eval_model(n, cfg, w, dev, ovr) for n, w in zip(names, wlist)]
-    check_train_overlap(eval_models, sets, allow_overlap)
+    for problem in check_train_overlap(eval_models, sets, allow_overlap):
+        click.echo(f"WARNING: train/eval overlap: {problem}", err=True)
     metrics = Metrics(cfg, dev, lpips=not no_lpips)
     if metrics.lpips is None:
         click.echo(f"note: LPIPS {metrics.lpips_status}", err=True)

@@ -184,13 +184,18 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def load_set(name: str, root: Path | None, *, limit: int | None = None,
-             threads: int = 8) -> list[ImageRecord]:
-    """Decode every image of a set (sorted by file name), in parallel threads."""
+             only: list[str] | None = None, threads: int = 8) -> list[ImageRecord]:
+    """Decode the images of a set (sorted by file name; `only`: these file stems; `limit`: the
+    first N), in parallel threads."""
     folder = resolve_set(name, root)
     files = list_images(folder)
     if not files:
         raise UsageError(f"image set {name!r} ({folder}) holds no images "
                          f"({'/'.join(e[1:] for e in IMAGE_EXTS)})")
+    if only:
+        files = [f for f in files if f.stem in only]
+        if not files:
+            raise UsageError(f"image set {name!r} has none of the images {', '.join(only)}")
     if limit:
         files = files[:limit]
     label = Path(name).name if Path(name).is_dir() else name

@@ -391,8 +391,8 @@ def _overlap_count(m: EvalModel, records) -> int | None:
 
 
 def check_train_overlap(models: list[EvalModel], sets: dict, allow: bool = False) -> list[str]:
-    """Refuse (UsageError) to score a model on images it was trained on, unless `allow`;
-    returns the warnings issued when allowed. Uses the run's train_images.json."""
+    """Refuse (UsageError) to score a model on images it was trained on, unless `allow`; then
+    return the problems for the caller to print. Uses the run's train_images.json."""
     from bench.data import find_overlaps
 
     problems = []
@@ -407,6 +407,4 @@ def check_train_overlap(models: list[EvalModel], sets: dict, allow: bool = False
         raise UsageError("train/eval overlap: " + "; ".join(problems)
                          + " -- evaluate on disjoint sets, or pass --allow-overlap "
                          "(rows then carry train_overlap)")
-    for p in problems:
-        warnings.warn("TRAIN/EVAL OVERLAP: " + p, stacklevel=2)
     return problems

@@ -258,6 +258,9 @@ def _load_data(cfg: TrainConfig, task: TaskConfig, warn):
         warn(f"dropping {len(dropped)} training image(s) that appear in "
              f"{', '.join(held)}: {', '.join(dropped[:6])}{' ...' if len(dropped) > 6 else ''}")
         train = [r for r in train if r.id not in set(dropped)]
+        if not train:
+            raise UsageError("no training images left after dropping those in the "
+                             "validation/holdout sets")
     s = task.scale
     fits = [r for r in train if min(r.hw[0] - r.hw[0] % s, r.hw[1] - r.hw[1] % s) >= cfg.crop]
     small = [r.id for r in train if r.id not in {f.id for f in fits}]
