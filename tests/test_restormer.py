@@ -113,3 +113,18 @@ def test_layernorm_is_the_official_formula(kind):
     assert out.is_contiguous()  # NCHW in, NCHW out
     assert norm(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
         memory_format=torch.channels_last)
+
+
+def test_published_flops_are_the_convolutions():
+    """Restormer's 140.99 G at 256x256 (KAIR's counter: Conv2d MACs only) is our conv share."""
+    from bench.flops import count_flops
+
+    with torch.device("meta"):
+        model = bench.create_model("restormer", task="deblur")
+    f = count_flops(model, (1, 3, 256, 256))
+    assert round(f.by_category_gmacs["conv"], 2) == 140.99
+    # transposed attention, per head: (c x HW) @ (HW x c) and (c x c) @ (c x HW), c = C / heads
+    stages = [(4, 48, 1, 256), (12, 96, 2, 128), (12, 192, 4, 64), (8, 384, 8, 32),
+              (8, 96, 1, 256)]  # (blocks, channels, heads, side); last: decoder_level1 + refinement
+    attn = sum(n * 2 * ch * (ch // h) * side * side for n, ch, h, side in stages)
+    assert round(f.by_category_gmacs["sdpa"] * 1e9) == attn

@@ -258,3 +258,39 @@ def test_bf16_autocast_runs_both_paths():
         a, b = outputs_both(model, x)
     assert a.dtype == b.dtype
     assert (a.float() - b.float()).abs().max() < 0.1
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def test_flops_match_the_architecture_and_the_readme():
+    """x4 on a 256x256 LR image (README: 788.6G), counted by bench.flops on meta tensors."""
+    from bench.flops import count_flops
+
+    with torch.device("meta"):
+        model = bench.create_model("swinir", task="sr", scale=4)
+    f = count_flops(model, (1, 3, 256, 256))
+    hw, c, n, blocks = 256 * 256, 180, 64, 36
+    by = {k: round(v * 1e9) for k, v in f.by_category_gmacs.items()}
+    assert by["matmul"] == blocks * hw * (3 * c * c + c * c + 2 * 2 * c * c)  # qkv, proj, MLP
+    assert by["sdpa"] == blocks * hw * 2 * n * c  # q k^T and attn v, per window of n tokens
+    recon = hw * 9 * (c * 64 + 64 * 256) + 4 * hw * 9 * 64 * 256 + 16 * hw * 9 * 64 * 3
+    assert by["conv"] == hw * 9 * (3 * c + 6 * c * c + c * c) + recon
+    # The official SwinIR.flops() convention: no reconstruction module, conv_after_body counted
+    # as 3*C^2 per pixel, norms as 1 op per element and the final norm not at all.
+    official = (f.gmacs * 1e9 - recon - 6 * c * c * hw - by["norm"] + 73 * hw * c) / 1e9
+    assert abs(official - 788.10) < 0.01
+    assert abs(official / 788.6 - 1) < 1e-3  # README's figure
+
+
+def test_sdpa_path_has_the_flops_of_the_math_path():
+    """The window plan computes every window once: no extra attention FLOPs on the SDPA path."""
+    from bench.flops import count_flops
+
+    counts = {}
+    for impl in ("sdpa", "math"):
+        with torch.device("meta"):
+            model = bench.create_model("swinir", task="sr", scale=4, attn_impl=impl)
+        counts[impl] = count_flops(model, (1, 3, 40, 56))
+    assert counts["sdpa"].gmacs == pytest.approx(counts["math"].gmacs, rel=1e-12)
+    assert counts["sdpa"].by_category_gmacs["sdpa"] > 0
