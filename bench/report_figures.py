@@ -226,10 +226,11 @@ def memory_vs_res(canvas: Canvas, rows, *, order, styles, reference, name, title
                         markersize=7, color=styles[lb].color, markeredgecolor="black",
                         markeredgewidth=0.6, zorder=4)
         ax.set_yscale("log")
-        if limit:
+        # the card's memory line, unless every point is far below it (it would squash them)
+        if limit and (len(ooms) or top >= limit / 8):
             ax.axhline(limit, color="#949494", linestyle="--", linewidth=0.8, zorder=1)
-            ax.text(0.02, limit, f" card memory {limit:.1f} GiB", transform=ax.get_yaxis_transform(),
-                    va="bottom", ha="left", fontsize=7, color="#555555")
+            ax.text(0.02, limit, f" card memory {limit:.1f} GiB", va="bottom", ha="left",
+                    transform=ax.get_yaxis_transform(), fontsize=7, color="#555555")
             top = max(top, limit)
             ax.set_ylim(top=top * 2.2)
         if len(ooms):
@@ -276,7 +277,7 @@ def throughput_vs_res(canvas: Canvas, rows, *, order, styles, reference, name, t
             if not res:
                 continue
             alpha = scaling_exponent(res, thr)
-            text = f"{lb} (α = {alpha:.2f})" if alpha is not None else lb
+            text = lb if alpha is None else f"{lb} (α = {alpha:.2f})".replace("= -", "= −")
             (h,) = ax.plot(res, thr, **styles[lb].line_kw(lb == reference))
             handles.append(h)
             names.append(text)
@@ -286,7 +287,7 @@ def throughput_vs_res(canvas: Canvas, rows, *, order, styles, reference, name, t
         plain_log_ticks(ax)
         ax.set_ylabel("throughput (img/s)")
         ax.set_title("\n".join(title))
-        _legend(fig, handles, names, title="fit: throughput ∝ pixels^α")
+        _legend(fig, handles, names, title=r"fit: throughput ∝ pixels$^{\alpha}$")
         return canvas.save(fig, Figure(name, f"Throughput vs output resolution, {', '.join(title)} "
                                              "(log-log; α: least-squares slope against the "
                                              "pixel count, -1 = linear cost)."))
@@ -423,11 +424,10 @@ def headline(canvas: Canvas, flops_rows, mem_rows, *, order, styles, reference, 
                              color="white", markeredgecolor="black"))
             labels.append("OOM (≥ card memory ÷ ref.)")
         _legend(fig, hs, labels)
-        memory = f" and the peak memory (b, {mem_title})" if mem_rows is not None else ""
-        return canvas.save(fig, Figure(name, f"How many times the FLOPs (a){memory} of {reference} "
-                                             f"each other model needs, vs output resolution, "
-                                             f"{title}; > 1: {reference} needs less; dashed: "
-                                             "parity."))
+        memory = f" and peak memory (b, {mem_title})" if mem_rows is not None else ""
+        return canvas.save(fig, Figure(name, f"Other models' FLOPs (a){memory} as multiples of "
+                                             f"{reference}'s, vs output resolution, {title} "
+                                             f"(> 1: {reference} needs less; dashed: parity)."))
 
 
 def _ref_map(rows, reference, key) -> dict[int, float]:

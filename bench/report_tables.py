@@ -38,7 +38,7 @@ METRICS = {
                          note="throughput: batch ÷ median latency."),
     "memory": Metric("mem_peak_alloc_mb", "peak memory", "GiB", factor=1 / 1024,
                      note="peak memory: torch.cuda.max_memory_allocated after warm-up "
-                          "(GiB = 2^30 bytes)."),
+                          "(1 GiB = 1024 MiB)."),
 }
 
 
@@ -46,12 +46,15 @@ METRICS = {
 class Table:
     name: str  # file stem
     title: str
-    headers: list[str]
+    headers: list[str]  # flat, unique (Markdown, CSV)
     cells: list[list[str]]  # display text
     values: list[list]  # CSV values: numbers where there is one, else the display text
     footnotes: list[str] = field(default_factory=list)
     bold: set = field(default_factory=set)  # (row, col) cells to emphasise
     group: str = ""  # README section
+    # LaTeX: a grouped two-row header, [(group text, span)] over `subheaders`
+    groups: list = field(default_factory=list)
+    subheaders: list = field(default_factory=list)
 
     def add_note(self, text: str) -> None:
         if text and text not in self.footnotes:
@@ -99,11 +102,17 @@ def efficiency_table(rows, metric: Metric, *, order: list[str], reference: str |
     show_params = not metric.card
     ref = reference if reference in present else None
     headers = ["model"] + (["params (M)"] if show_params else [])
+    subheaders = list(headers)
+    groups = [("", 1)] * len(headers)
     for res in resolutions:
         headers.append(metric.header(res))
+        subheaders.append(metric.unit or metric.name)
         if ref:
             headers.append(f"vs {ref} @{res}²")
-    table = Table(name=name, title=title, headers=headers, cells=[], values=[], group=group)
+            subheaders.append(f"vs {ref}")
+        groups.append((f"{res}×{res}", 2 if ref else 1))
+    table = Table(name=name, title=title, headers=headers, cells=[], values=[], group=group,
+                  groups=groups, subheaders=subheaders)
     table.add_note(metric.note)
     for lb in labels:
         cells, values = [lb], [lb]
@@ -209,7 +218,10 @@ def quality_table(rows, *, order: list[str], name: str, title: str, group: str =
                ("lpips", "LPIPS ↓", min)]
     headers = ["model"] + [f"{ds} {h}" for ds in datasets for _, h, _ in metrics] + [
         "training budget"]
-    table = Table(name=name, title=title, headers=headers, cells=[], values=[], group=group)
+    table = Table(name=name, title=title, headers=headers, cells=[], values=[], group=group,
+                  groups=[("", 1)] + [(ds, len(metrics)) for ds in datasets] + [("", 1)],
+                  subheaders=["model", *(h for _ in datasets for _, h, _ in metrics),
+                              "training budget"])
     by = {(r["label"], r["dataset"]): r for r in rows.to_dict("records")}
     present = set(rows["label"])
     labels = (["input"] if "input" in present else []) + [lb for lb in order if lb in present]
@@ -298,8 +310,7 @@ def to_latex(table: Table) -> str:
              "\\begin{table}[t]", "\\centering", "\\small",
              f"\\caption{{{latex_escape(table.title)}}}",
              f"\\label{{tab:{table.name}}}",
-             f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
-             " & ".join(latex_escape(h) for h in table.headers) + " \\\\", "\\midrule"]
+             f"\\begin{{tabular}}{{{spec}}}", "\\toprule", *_latex_header(table), "\\midrule"]
     for i, row in enumerate(table.cells):
         cells = [f"\\textbf{{{latex_escape(c)}}}" if (i, j) in table.bold else latex_escape(c)
                  for j, c in enumerate(row)]
@@ -310,6 +321,22 @@ def to_latex(table: Table) -> str:
             latex_escape(n) for n in table.footnotes) + "}")
     lines.append("\\end{table}")
     return "\n".join(lines) + "\n"
+
+
+def _latex_header(table: Table) -> list[str]:
+    """Two rows (resolution or dataset groups over short units) where the table has groups."""
+    if not table.groups or all(span == 1 for _, span in table.groups):
+        return [" & ".join(latex_escape(h) for h in table.headers) + " \\\\"]
+    top, rules, col = [], [], 1
+    for text, span in table.groups:
+        if text:
+            top.append(f"\\multicolumn{{{span}}}{{c}}{{{latex_escape(text)}}}")
+            rules.append(f"\\cmidrule(lr){{{col}-{col + span - 1}}}")
+        else:
+            top += [""] * span
+        col += span
+    return [" & ".join(top) + " \\\\", "".join(rules),
+            " & ".join(latex_escape(h) for h in table.subheaders) + " \\\\"]
 
 
 def to_csv(table: Table) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from bench.cli import main
 from bench.errors import UsageError
-from bench.report import build_report
+from bench.report import _card_groups, _headline_memory, build_report
 from bench.report_data import apply_filters, load_rows, parse_filters, prepare
 from bench.report_figures import model_styles, pareto_front, scaling_exponent
 from bench.report_tables import METRICS, efficiency_table
@@ -122,6 +122,7 @@ def test_card_tables_ratios_oom_and_error(report):
     tex = (report.out / "tables" / f"memory_deblur_bf16_train_b1_{H100}.tex").read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
     assert "serpent\\_s" in tex and "$\\times$" in tex and "_s" not in tex.replace("\\_s", "")
+    assert "\\multicolumn{2}{c}{1024$\\times$1024}" in tex and tex.isascii()
 
 
 def test_two_cards_are_split_never_averaged(report):
@@ -167,6 +168,23 @@ def test_reference_choice(tmp_path):
     assert no_ref.reference is None and any("--relative-to" in n for n in no_ref.notes)
     with pytest.raises(UsageError, match="no rows for that model"):
         prepare([str(FIXTURE)], reference="serpent_xl")
+
+
+def test_headline_memory_setting():
+    data = prepare([str(FIXTURE)])
+    groups = list(_card_groups(data.eff))
+    tasks = [("deblur", 1), ("sr", 8)]
+
+    def pick(*filters):
+        return {t: (m[0]["mode"], m[1]) if m else None
+                for t, m in _headline_memory(groups, tasks, "serpent_s", filters).items()}
+
+    # default: inference, on the card whose rows cover the most models; SR has no memory rows
+    assert pick() == {("deblur", 1): ("infer", "NVIDIA H100 80GB HBM3"), ("sr", 8): None}
+    assert pick("mode=train")[("deblur", 1)] == ("train", "NVIDIA H100 80GB HBM3")
+    assert pick("device_name=*H200")[("deblur", 1)] == ("infer", "NVIDIA H200")
+    with pytest.raises(UsageError, match="--headline"):
+        pick("dtype=fp16")
 
 
 def test_filters():
