@@ -188,7 +188,7 @@ SIDD = dict(enc_blk_nums=(2, 2, 4, 8), middle_blk_num=12, dec_blk_nums=(2, 2, 2,
 REFERENCE = "Chen et al., ECCV 2022, github.com/megvii-research/NAFNet"
 
 
-@register_model(family="conv", multiple=1, upsampler=False, reference=REFERENCE,
+@register_model(family="conv", multiple=1, upsampler=False, reference=REFERENCE, alias_of="nafnet_w64",
                 notes="default width 64 (the paper's headline model); deblur/sr: GoPro config, "
                       "denoise: SIDD config; tlc=True gives the official GoPro test model NAFNetLocal")
 def nafnet(*, task: str, scale: int, width: int = 64, **overrides) -> NAFNet:

@@ -27,7 +27,9 @@ def resolve_models(spec: str | list[str]) -> list[str]:
     for item in (i.strip() for i in items):
         if not item:
             continue
-        found = list_models("*") if item == "all" else list_models(item)
+        # 'all' = every distinct network: aliases (e.g. serpent = serpent_s) are skipped
+        found = ([n for n in list_models() if not _models()[n].alias_of] if item == "all"
+                 else list_models(item))
         if not found:
             raise UsageError(f"unknown model {item!r}; known models: {', '.join(list_models())}")
         names += [n for n in found if n not in names]

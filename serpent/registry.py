@@ -35,6 +35,7 @@ class ModelInfo:
     scales: tuple[int, ...] = (2, 3, 4, 8)  # SR factors the constructor accepts
     notes: str = ""
     defaults: dict = field(default_factory=dict)  # constructor overrides that define this entry
+    alias_of: str = ""  # same network as another entry: 'all' sweeps skip it
 
 
 _MODELS: dict[str, ModelInfo] = {}
@@ -50,6 +51,7 @@ def register_model(
     scales: tuple[int, ...] = (2, 3, 4, 8),
     name: str | None = None,
     notes: str = "",
+    alias_of: str = "",
     **defaults,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a constructor under ``name`` (default: the function's name)."""
@@ -64,7 +66,7 @@ def register_model(
         if key in _MODELS:
             raise ValueError(f"model {key!r} registered twice")
         _MODELS[key] = ModelInfo(key, fn, family, multiple, upsampler, reference, tuple(tasks),
-                                 tuple(scales), notes, dict(defaults))
+                                 tuple(scales), notes, dict(defaults), alias_of)
         return fn
 
     return wrap
