@@ -31,6 +31,7 @@ Backends (`resolve_backend` picks one; `used_backends` reports what actually ran
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Optional
@@ -251,7 +252,15 @@ def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        delta_softplus: bool, backend: str) -> Tensor:
     name = resolve_backend(u.device, backend, u.dtype)
     _USED.add(name)
-    return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    with _no_autocast(u.device):
+        return _IMPLS[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _no_autocast(device: torch.device):
+    """The backends choose their own precision; an outer autocast must not recast their ops."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @_selective_scan_op.register_fake
@@ -273,7 +282,7 @@ def _backward(ctx, grad):
     needs = ctx.needs_input_grad[: len(saved)]
     name = resolve_backend(saved[0].device, ctx.backend, saved[0].dtype)
     _USED.add(name)
-    with torch.enable_grad():
+    with torch.enable_grad(), _no_autocast(saved[0].device):
         leaves = [None if t is None else t.detach().requires_grad_(bool(need))
                   for t, need in zip(saved, needs)]
         wanted = [t for t in leaves if t is not None and t.requires_grad]

@@ -133,6 +133,14 @@ def test_low_precision_input_returns_input_dtype():
     assert rel(out.double(), ref) < 1e-2
 
 
+def test_outer_autocast_does_not_lower_scan_precision():
+    inp = {k: None if v is None else v.float() for k, v in make_inputs().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = selective_scan(**inp, backend="sequential")  # its einsums would autocast to bf16
+    ref = sequential_scan(**{k: None if v is None else v.double() for k, v in inp.items()})
+    assert out.dtype == torch.float32 and rel(out.double(), ref) < 1e-5
+
+
 def test_meta_tensors_give_shape_and_run_nothing():
     inp = {k: None if v is None else v.float().to("meta") for k, v in make_inputs(b=3, d=8, l=1000, g=4).items()}
     reset_used_backends()
