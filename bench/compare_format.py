@@ -5,7 +5,7 @@ Both come from the same rows so the CI log and the PR comment never disagree. AS
 """
 from __future__ import annotations
 
-from bench.compare import Comparison, ConfigResult, MetricResult, env_label
+from bench.compare import Comparison, ConfigResult, MetricResult, config_dict, env_label
 
 SHORT_NAMES = {
     "params": "params", "gflops": "GFLOPs", "gmacs": "GMACs", "gflops_torch": "GFLOPs (torch)",
@@ -59,8 +59,6 @@ def _exact_cell(ms: list[MetricResult]) -> str:
 def table(configs: list[ConfigResult], *, escape=lambda s: s) -> tuple[list[str], list[list]]:
     """Headers and rows: config columns, status, exact metrics together, one column per other
     judged metric, note."""
-    from bench.compare import config_dict
-
     metrics = []
     for c in configs:
         metrics += [m.metric for m in c.metrics if m.method != "exact" and m.metric not in metrics]

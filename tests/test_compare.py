@@ -338,7 +338,7 @@ def test_entry_point_exit_code(tmp_path):
     b = write(tmp_path / "base.jsonl", BASE)
     c = write(tmp_path / "cur.jsonl", [dict(BASE[0], params=2)] + BASE[1:])
     proc = subprocess.run([sys.executable, "-m", "bench", "compare", str(b), str(c)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1, proc.stderr
 
 
