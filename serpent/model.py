@@ -93,13 +93,15 @@ class DirectionalSSM(nn.Module):
                  dt_max: float = 0.1, scan_backend: str = "auto", path: str = "serpentine"):
         super().__init__()
         k = 4
-        self.d_state, self.dt_rank, self.scan_backend, self.path = d_state, dt_rank, scan_backend, path
+        self.d_state, self.dt_rank = d_state, dt_rank
+        self.scan_backend, self.path = scan_backend, path
         bound = dim ** -0.5  # nn.Linear's default init range for fan-in `dim`
-        self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, dim).uniform_(-bound, bound))
+        x_proj = torch.empty(k, dt_rank + 2 * d_state, dim).uniform_(-bound, bound)
+        self.x_proj_weight = nn.Parameter(x_proj)
         std = dt_rank ** -0.5
         self.dt_projs_weight = nn.Parameter(torch.empty(k, dim, dt_rank).uniform_(-std, std))
-        dt = torch.exp(torch.rand(k, dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=1e-4)
+        log_dt = torch.rand(k, dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=1e-4)
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(k * dim, 1))
         self.Ds = nn.Parameter(torch.ones(k * dim))
@@ -145,7 +147,8 @@ class MSSM(nn.Module):
         x = F.silu(self.dwconv(rearrange(x, "b h w c -> b c h w")))
         scales = []
         for s, ssm in enumerate(self.ssms):
-            xs = F.avg_pool2d(x, 2 ** s, ceil_mode=True) if s else x  # partial windows: mean of valid
+            # ceil_mode: border windows average only their valid pixels, any size works
+            xs = F.avg_pool2d(x, 2 ** s, ceil_mode=True) if s else x
             ys = ssm(xs)
             if s:
                 ys = F.interpolate(ys, size=(h, w), mode="bilinear", align_corners=False)
@@ -157,7 +160,8 @@ class MSSM(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, *, dim: int, mlp_ratio: float = 2.0):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim)
+        hidden = int(dim * mlp_ratio)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -180,9 +184,11 @@ class SerpentBlock(nn.Module):
 class Stage(nn.Module):
     """Serpent blocks on an NCHW map (channels-last inside, one permute each way)."""
 
-    def __init__(self, *, dim: int, depth: int, drop_path: list[float], **block):
+    def __init__(self, *, dim: int, drop_path: list[float], **block):
+        """One block per entry of `drop_path` (its stochastic-depth rate)."""
         super().__init__()
-        self.blocks = nn.Sequential(*(SerpentBlock(dim=dim, drop_path=dp, **block) for dp in drop_path[:depth]))
+        self.blocks = nn.Sequential(*(SerpentBlock(dim=dim, drop_path=dp, **block)
+                                      for dp in drop_path))
 
     def forward(self, x):
         return rearrange(self.blocks(rearrange(x, "b c h w -> b h w c")), "b h w c -> b c h w")
@@ -210,21 +216,22 @@ class Serpent(nn.Module):
         dims = [embed_dim * 2 ** i for i in range(levels)]
         block = dict(mlp_ratio=mlp_ratio, expand=expand, d_state=d_state, num_scales=num_scales,
                      scan_path=scan_path, scan_backend=scan_backend)
-        rates = torch.linspace(0, drop_path_rate, sum(depths) + sum(dec_depths)).tolist()
-        rate_iter = iter(rates)
+        rates = iter(torch.linspace(0, drop_path_rate, sum(depths) + sum(dec_depths)).tolist())
 
         def stage(dim, depth):
-            return Stage(dim=dim, depth=depth, drop_path=[next(rate_iter) for _ in range(depth)], **block)
+            return Stage(dim=dim, drop_path=[next(rates) for _ in range(depth)], **block)
 
+        enc, dec = range(levels - 1), reversed(range(levels - 1))  # decoder: deepest first
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.encoder = nn.ModuleList(stage(dims[i], depths[i]) for i in range(levels - 1))
-        self.downs = nn.ModuleList(nn.Conv2d(dims[i], dims[i + 1], 2, stride=2) for i in range(levels - 1))
+        self.encoder = nn.ModuleList(stage(dims[i], depths[i]) for i in enc)
+        self.downs = nn.ModuleList(nn.Conv2d(dims[i], dims[i + 1], 2, stride=2) for i in enc)
         self.bottleneck = stage(dims[-1], depths[-1])
-        # decoder modules are listed deepest first, the order forward() uses them
-        self.ups = nn.ModuleList(nn.Sequential(nn.Conv2d(dims[i + 1], 4 * dims[i], 1), nn.PixelShuffle(2))
-                                 for i in reversed(range(levels - 1)))
-        self.reduces = nn.ModuleList(nn.Conv2d(2 * dims[i], dims[i], 1) for i in reversed(range(levels - 1)))
-        self.decoder = nn.ModuleList(stage(dims[i], dec_depths[i]) for i in reversed(range(levels - 1)))
+        self.ups, self.reduces, self.decoder = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in dec:
+            up = nn.Conv2d(dims[i + 1], 4 * dims[i], 1)
+            self.ups.append(nn.Sequential(up, nn.PixelShuffle(2)))
+            self.reduces.append(nn.Conv2d(2 * dims[i], dims[i], 1))
+            self.decoder.append(stage(dims[i], dec_depths[i]))
         self.unembed = nn.Sequential(nn.Conv2d(embed_dim, embed_dim * patch_size ** 2, 1),
                                      nn.PixelShuffle(patch_size))
         self.conv_out = nn.Conv2d(embed_dim, in_chans, 3, padding=1)

@@ -46,8 +46,9 @@ def recurrence(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     for i, c in itertools.product(range(b), range(d)):
         h = torch.zeros(A.shape[1], dtype=torch.float64)
         for t in range(l):
-            h = torch.exp(delta[i, c, t] * A[c]) * h + delta[i, c, t] * u[i, c, t] * B[i, c // per_group, :, t]
-            y[i, c, t] = h @ C[i, c // per_group, :, t]
+            grp = c // per_group
+            h = torch.exp(delta[i, c, t] * A[c]) * h + delta[i, c, t] * u[i, c, t] * B[i, grp, :, t]
+            y[i, c, t] = h @ C[i, grp, :, t]
     if D is not None:
         y = y + u * D.double()[:, None]
     if z is not None:
@@ -79,7 +80,8 @@ def test_chunked_equals_sequential_float64(case, softplus):
 
 def test_sequential_matches_independent_recurrence():
     inp = make_inputs(b=1, d=4, l=9, n=3, g=2)
-    assert rel(sequential_scan(**inp, delta_softplus=True), recurrence(**inp, delta_softplus=True)) < 1e-12
+    out = sequential_scan(**inp, delta_softplus=True)
+    assert rel(out, recurrence(**inp, delta_softplus=True)) < 1e-12
 
 
 def test_float32_close_to_float64_reference():
@@ -142,7 +144,8 @@ def test_outer_autocast_does_not_lower_scan_precision():
 
 
 def test_meta_tensors_give_shape_and_run_nothing():
-    inp = {k: None if v is None else v.float().to("meta") for k, v in make_inputs(b=3, d=8, l=1000, g=4).items()}
+    inp = make_inputs(b=3, d=8, l=1000, g=4)
+    inp = {k: None if v is None else v.float().to("meta") for k, v in inp.items()}
     reset_used_backends()
     out = selective_scan(**inp, delta_softplus=True)
     assert out.device.type == "meta" and out.shape == (3, 8, 1000) and out.dtype == torch.float32
@@ -172,7 +175,8 @@ def test_opcheck():
     inp = make_inputs(l=12, g=2, dtype=torch.float32)
     args = tuple(inp[k] for k in NAMES) + (True, "chunked")
     torch.library.opcheck(torch.ops.serpent.selective_scan.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
 
 
 def test_resolve_backend():
@@ -196,7 +200,8 @@ def test_macs_formula():
 
 @pytest.mark.gpu
 def test_cuda_backends_agree():
-    inp = {k: None if v is None else v.float().cuda() for k, v in make_inputs(d=16, l=300, g=2).items()}
+    inp = make_inputs(d=16, l=300, g=2)
+    inp = {k: None if v is None else v.float().cuda() for k, v in inp.items()}
     ref = selective_scan(**inp, delta_softplus=True, backend="chunked")
     out = selective_scan(**inp, delta_softplus=True)
     assert rel(out, ref) < 1e-4

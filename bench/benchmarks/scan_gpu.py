@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from bench.benchmarks.scan_cpu import scan_inputs
 from bench.environment import environment
 from bench.results import append_rows
 from serpent.model import CONFIGS
@@ -36,18 +37,6 @@ def serpent_calls(res: int, variant: str = "serpent_s", patch: int = 4) -> list[
     side = lambda lvl: -(-res // (patch * 2 ** lvl))  # noqa: E731
     return [dict(where="level0", d=4 * inner, l=side(0) ** 2),
             dict(where="bottleneck", d=4 * inner * 2 ** (levels - 1), l=side(levels - 1) ** 2)]
-
-
-def make_inputs(b, d, l, n=16, g=4, device="cuda", seed=0):
-    """Serpent's call: grouped B/C (4 directions), D, delta_bias, softplus, no z; A = S4D init."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    dt = torch.exp(torch.rand(d, generator=gen) * (torch.log(torch.tensor(0.1 / 1e-3))) + torch.log(torch.tensor(1e-3)))
-    inp = dict(u=r(b, d, l), delta=0.1 * r(b, d, l),
-               A=-torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1) * (1 + 0.1 * torch.rand(d, n, generator=gen)),
-               B=r(b, g, n, l), C=r(b, g, n, l), D=torch.ones(d) + 0.1 * r(d),
-               delta_bias=dt + torch.log(-torch.expm1(-dt)))
-    return {k: v.to(device) for k, v in inp.items()}
 
 
 def run(inp: dict, backend: str, grad_out: torch.Tensor):
@@ -114,7 +103,9 @@ def main(argv=None) -> int:
     for res in args.res:
         for call in serpent_calls(res):
             shape = dict(b=args.batch, d=call["d"], l=call["l"], n=16, g=4)
-            inp = make_inputs(**shape, device=device)
+            # Serpent's call: 4 directions as groups, D, delta_bias, softplus, no z
+            inp = scan_inputs(shape['b'], shape['d'], shape['l'], shape['n'], groups=shape['g'],
+                              z=False, device=device)
             gy = torch.randn(args.batch, call["d"], call["l"], device=device)
             base = {"kind": "scan_gpu", "res": res, "call": call["where"], **shape,
                     "dtype": "float32", **env}
