@@ -204,7 +204,8 @@ def chunked_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     a = (dt * A).exp_()  # (T, nc, b, d, n); entries <= 1 when A < 0
     x = (dtu * Bt).flatten(3, 4)  # (T, nc, b, d, n)
     h = _linear_scan(a, x).unflatten(3, (g, -1))
-    y = (h * Ct if h.requires_grad else h.mul_(Ct)).sum(-1)  # (T, nc, b, g, e)
+    tracked = torch.is_grad_enabled() and (h.requires_grad or Ct.requires_grad)
+    y = (h * Ct if tracked else h.mul_(Ct)).sum(-1)  # (T, nc, b, g, e)
     y = rearrange(y, "t c b g e -> b (g e) (c t)")[..., :l]
     return _finish(y, u, D, z, dtype)
 

@@ -104,7 +104,8 @@ def test_long_sequence_strong_decay_is_finite():
     assert rel(out.double(), ref) < 1e-5
 
 
-@pytest.mark.parametrize("softplus,need", [(False, NAMES), (True, ("u", "A", "B", "D", "z"))])
+@pytest.mark.parametrize("softplus,need", [(False, NAMES), (True, ("u", "A", "B", "D", "z")),
+                                           (True, ("C",)), (False, ("delta_bias",))])
 def test_custom_op_forward_backward(softplus, need):
     inp = make_inputs(g=2)
     wrt = {k: v.requires_grad_(True) for k, v in inp.items() if k in need}
