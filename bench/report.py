@@ -21,8 +21,8 @@ from bench.report_data import (SETTING_KEYS, ReportData, matches, parse_filters,
                                slug)
 from bench.report_figures import (Canvas, gflops_vs_res, headline, memory_vs_res,
                                   model_styles, quality_vs_gflops, throughput_vs_res)
-from bench.report_tables import (METRICS, Table, efficiency_table, quality_table, to_csv,
-                                 to_latex, to_markdown)
+from bench.report_tables import (METRICS, Table, num, efficiency_table, quality_table,
+                                 to_csv, to_latex, to_markdown)
 
 FORMATS = ("pdf", "png", "svg")
 MARKER_FILE = ".bench-report"  # marks a folder this command may replace
@@ -72,8 +72,7 @@ def parse_formats(spec: str) -> tuple[str, ...]:
 
 
 def build_report(paths, out, *, reference: str | None = None, filters=(), formats=FORMATS,
-                 dpi: int = 300, headline_filters=(), flops_res: int | None = None,
-                 command: str | None = None) -> Report:
+                 dpi: int = 300, headline_filters=(), flops_res: int | None = None) -> Report:
     """Load, filter, tabulate, plot, and write the report folder atomically."""
     out = Path(out)
     formats = tuple(formats)
@@ -81,24 +80,24 @@ def build_report(paths, out, *, reference: str | None = None, filters=(), format
         raise UsageError(f"--dpi {dpi} is too small for a readable figure (use 100-600)")
     _check_replaceable(out)
     data = prepare(paths, filters, reference)
-    command = command or command_line(paths, out, reference=reference, filters=filters,
-                                      formats=formats, dpi=dpi, headline_filters=headline_filters,
-                                      flops_res=flops_res)
+    command = command_line(paths, out, reference=reference, filters=filters, formats=formats,
+                           dpi=dpi, headline_filters=headline_filters, flops_res=flops_res)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         sections = _build(data, stage, formats, dpi, headline_filters, flops_res)
-        files = _write_tables(sections, stage / "tables")
+        table_files = _write_tables(sections, stage / "tables")
         readme = render_readme(out.name, data, sections, command, paths, formats)
         (stage / "README.md").write_text(readme, encoding="utf-8")
         (stage / MARKER_FILE).write_text(command + "\n", encoding="utf-8")
-        files = sorted(["README.md", *files, *(f for s in sections for it in s.items
-                                              if not isinstance(it, Table) for f in it.files)])
+        figure_files = [f for s in sections for it in s.items if not isinstance(it, Table)
+                        for f in it.files]
         _swap_into_place(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return Report(out=out, sections=sections, files=files)
+    return Report(out=out, sections=sections,
+                  files=sorted(["README.md", *table_files, *figure_files]))
 
 
 # ----------------------------------------------------------------------------- assembling
@@ -238,16 +237,17 @@ def _quality(section: Section, canvas: Canvas, data: ReportData, styles, flops_r
         if fl is None or not fl["gflops"].notna().any():
             continue
         avail = sorted(int(r) for r in fl.loc[fl["gflops"].notna(), "res"].unique())
-        res = flops_res if flops_res in avail else (256 if 256 in avail else avail[0])
-        fl = fl[(fl["res"] == res) & fl["gflops"].notna()].set_index("label")
+        if flops_res is not None and flops_res not in avail:
+            raise UsageError(f"--flops-res {flops_res}: no GFLOPs rows at that resolution for "
+                             f"{_task_text(task, scale)}; available: {avail}")
+        res = flops_res or (256 if 256 in avail else avail[0])
+        cost = {r["label"]: r for r in fl[fl["res"] == res].to_dict("records")}
         metric_key = "psnr_y" if task == "sr" else "psnr"
         metric = "PSNR-Y (dB)" if task == "sr" else "PSNR (dB)"
         for ds, part in rows.groupby("dataset", sort=True):
-            points = [(lb, float(fl.at[lb, "gflops"]), float(q),
-                       float(fl.at[lb, "params"]) if fl.at[lb, "params"] == fl.at[lb, "params"]
-                       else None)
-                      for lb, q in zip(part["label"], part[metric_key])
-                      if lb in fl.index and q == q and q is not None]
+            points = [(lb, cost[lb]["gflops"], q, num(cost[lb]["params"]))
+                      for lb, q in zip(part["label"], part[metric_key].map(num))
+                      if lb in cost and num(cost[lb]["gflops"]) and q is not None]
             if len(points) < 2:
                 continue
             section.items.append(quality_vs_gflops(

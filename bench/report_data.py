@@ -61,12 +61,11 @@ def load_rows(paths: list[str]):
         if df.empty and path.stat().st_size > 0:
             why = f" ({caught[0].message})" if caught else ""
             raise UsageError(f"{p} holds no readable rows{why}: is it a bench results JSONL file?")
-        frames.append(df)
-    df = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(
-        not f.empty for f in frames) else pd.DataFrame()
-    if df.empty:
+        if not df.empty:
+            frames.append(df)
+    if not frames:
         raise UsageError(f"no rows in {', '.join(map(str, paths))}")
-    return df
+    return pd.concat(frames, ignore_index=True)
 
 
 # ----------------------------------------------------------------------------- --filter
@@ -86,6 +85,10 @@ def parse_filters(specs) -> dict[str, list[str]]:
 
 
 def matches(value, wanted: list[str]) -> bool:
+    """Does a row value match any wanted text? Numbers compare as numbers, booleans as
+    true/false/1/0, text as a glob."""
+    if hasattr(value, "item") and not isinstance(value, (str, dict, list)):
+        value = value.item()  # numpy scalar -> Python
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
     for w in wanted:
@@ -182,6 +185,7 @@ def efficiency_rows(df):
     for c in EFFICIENCY_COLUMNS + _EXTRA_COLUMNS + ["time"]:
         if c not in eff.columns:
             eff[c] = None
+    eff = eff[eff["model"].notna() & eff["res"].notna()]  # not a measurement of anything
     if eff.empty:
         return eff, 0
     eff = _fill(eff, "scale", 1)
@@ -275,6 +279,13 @@ def prepare(paths, filters=(), reference: str | None = None) -> ReportData:
     if dropped_q:
         notes.append(f"{dropped_q} quality mean row(s) superseded by a later evaluation of the "
                      "same model, task and set.")
+    if len(eff):
+        spread = eff.groupby(["label", "task", "scale", "res"])["gflops"].agg(["min", "max"])
+        differ = spread[spread["max"] > spread["min"] * 1.001]
+        if len(differ):
+            shown = ", ".join(f"{lb} @{r}" for lb, _, _, r in differ.index[:5])
+            notes.append(f"GFLOPs differ between rows of the same configuration ({shown}): "
+                         "the latest row is shown; were they counted by different code?")
     ref = resolve_reference(reference, labels - {"input"})
     if ref is None:
         notes.append("No reference model (serpent_s absent; pass --relative-to MODEL): "

@@ -76,7 +76,6 @@ class Figure:
     name: str
     caption: str
     files: list[str] = field(default_factory=list)  # relative to the report folder
-    group: str = ""
 
 
 class Canvas:
@@ -134,13 +133,17 @@ def plain_log_ticks(ax, axis: str = "y") -> None:
     """Log axis labelled 1, 10, 100 (or 1-2-5 steps when the range is short), not 10^k."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
-    lo, hi = max(lo, 1e-12), max(hi, 1e-12)
-    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    get, set_ = (ax.get_ylim, ax.set_ylim) if axis == "y" else (ax.get_xlim, ax.set_xlim)
+    lo, hi = sorted(max(v, 1e-12) for v in get())
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    steps = [m * 10.0 ** k for k in decades for m in (1, 2, 5)]
     for mults in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7)):
         ticks = [m * 10.0 ** k for k in decades for m in mults if lo <= m * 10.0 ** k <= hi]
         if len(ticks) >= 3:
             break
+    if len(ticks) < 2:  # a narrow range: widen it to the neighbouring 1-2-5 values
+        ticks = [max(t for t in steps if t <= lo), min(t for t in steps if t >= hi)]
+        set_(ticks[0] / 1.05, ticks[1] * 1.05)
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_locator(FixedLocator(ticks))
     target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.10g}"))

@@ -51,7 +51,6 @@ class Table:
     values: list[list]  # CSV values: numbers where there is one, else the display text
     footnotes: list[str] = field(default_factory=list)
     bold: set = field(default_factory=set)  # (row, col) cells to emphasise
-    group: str = ""  # README section
     # LaTeX: a grouped two-row header, [(group text, span)] over `subheaders`
     groups: list = field(default_factory=list)
     subheaders: list = field(default_factory=list)
@@ -75,7 +74,8 @@ def fmt(v) -> str:
     return f"{v:#.3g}"
 
 
-def _num(v):
+def num(v) -> float | None:
+    """A finite-or-inf float, or None for missing/NaN/non-numbers."""
     if v is None:
         return None
     try:
@@ -89,7 +89,7 @@ def _num(v):
 
 
 def efficiency_table(rows, metric: Metric, *, order: list[str], reference: str | None,
-                     name: str, title: str, group: str = "") -> Table:
+                     name: str, title: str) -> Table:
     """Model x resolution pivot of one metric (one setting; one card if the metric needs it)."""
     if metric.card:
         cards = set(rows["device_name"])
@@ -111,8 +111,8 @@ def efficiency_table(rows, metric: Metric, *, order: list[str], reference: str |
             headers.append(f"vs {ref} @{res}²")
             subheaders.append(f"vs {ref}")
         groups.append((f"{res}×{res}", 2 if ref else 1))
-    table = Table(name=name, title=title, headers=headers, cells=[], values=[], group=group,
-                  groups=groups, subheaders=subheaders)
+    table = Table(name=name, title=title, headers=headers, cells=[], values=[], groups=groups,
+                  subheaders=subheaders)
     table.add_note(metric.note)
     for lb in labels:
         cells, values = [lb], [lb]
@@ -145,7 +145,7 @@ def _latest_params(rows, label):
 def _metric_value(row, metric: Metric):
     if row is None:
         return None
-    v = _num(row.get(metric.key))
+    v = num(row.get(metric.key))
     return None if v is None else v * metric.factor
 
 
@@ -175,7 +175,7 @@ def _ratio_cell(row, ref_row, metric: Metric, table: Table, ref: str):
     ref_ok = ref_row is not None and r and (ref_row.get("status") == "ok" or not metric.card)
     status = row.get("status") or "ok"
     if status == "oom" and metric.card:
-        limit = _num(row.get("device_mem_mb"))
+        limit = num(row.get("device_mem_mb"))
         if metric.key == "mem_peak_alloc_mb" and limit and ref_ok:
             bound = limit * metric.factor / r
             table.add_note(f">N×: the model ran out of memory, so it needs more than the "
@@ -207,7 +207,7 @@ def _budget_text(budget) -> str:
     return "n/a"
 
 
-def quality_table(rows, *, order: list[str], name: str, title: str, group: str = "") -> Table:
+def quality_table(rows, *, order: list[str], name: str, title: str) -> Table:
     """Model x dataset PSNR/SSIM/LPIPS with the training budget; SR on the Y channel."""
     task = rows["task"].iloc[0]
     y = task == "sr"
@@ -218,7 +218,7 @@ def quality_table(rows, *, order: list[str], name: str, title: str, group: str =
                ("lpips", "LPIPS ↓", min)]
     headers = ["model"] + [f"{ds} {h}" for ds in datasets for _, h, _ in metrics] + [
         "training budget"]
-    table = Table(name=name, title=title, headers=headers, cells=[], values=[], group=group,
+    table = Table(name=name, title=title, headers=headers, cells=[], values=[],
                   groups=[("", 1)] + [(ds, len(metrics)) for ds in datasets] + [("", 1)],
                   subheaders=["model", *(h for _ in datasets for _, h, _ in metrics),
                               "training budget"])
@@ -231,7 +231,7 @@ def quality_table(rows, *, order: list[str], name: str, title: str, group: str =
         for ds in datasets:
             row = by.get((lb, ds))
             for key, _, _ in metrics:
-                v = _num(row.get(key)) if row else None
+                v = num(row.get(key)) if row else None
                 if row is None:
                     cells.append(NOT_RUN)
                     values.append(NOT_RUN)

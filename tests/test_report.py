@@ -235,6 +235,7 @@ def test_cli_filter_run_pdf_svg(tmp_path, capsys):
     (["--filter", "model=none"], "no rows left"),
     (["--formats", "png,jpg"], "--formats"),
     (["--headline", "mode=nope"], "--headline"),
+    (["--flops-res", "300"], "--flops-res 300: no GFLOPs rows"),
 ])
 def test_cli_usage_errors_exit_2(tmp_path, capsys, args, message):
     out = tmp_path / "r"
