@@ -125,9 +125,10 @@ def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, o
         raise click.ClickException(str(e)) from None
     best = f", best val PSNR {s['best_val_psnr']:.2f} dB" if s["best_val_psnr"] else ""
     wait = s["data_wait_fraction"]
+    speed = (f" ({s['mean_step_time'] * 1e3:.1f} ms/step, data wait {wait:.1%} of step time)"
+             if wait is not None else "")
     click.echo(f"{model} {task_cfg.key}: {s['iteration']}/{iters} iterations in "
-               f"{s['wall_s']:.1f} s ({s['mean_step_time'] * 1e3:.1f} ms/step, data wait "
-               f"{wait:.1%} of step time){best} -> {out_dir}")
+               f"{s['wall_s']:.1f} s{speed}{best} -> {out_dir}")
     if wait is not None and wait > 0.1:
         click.echo("note: the GPU waited for data over 10% of the time; raise --workers",
                    err=True)

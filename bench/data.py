@@ -313,7 +313,7 @@ class TrainCrops(torch.utils.data.Dataset):
         s = cfg.scale
         if cfg.task == "sr" and crop % s:
             raise UsageError(f"--crop {crop} must be a multiple of the SR scale {s}")
-        self.images = [img for img in images]
+        self.images = list(images)
         self.cfg, self.crop, self.upsampler = cfg, crop, upsampler
         self.seed, self.augment = seed, augment
         if not self.images:

@@ -199,31 +199,31 @@ def budget_of(config: dict) -> dict:
             "grad_clip", "dtype", "seed", "train_sets")
     out = {k: config.get(k) for k in keys}
     out["degradation"] = (config.get("task_config") or {}).get("key")
+    result = config.get("result") or {}
+    out.update({"trained_iters": result.get("iteration"), "train_wall_s": result.get("wall_s"),
+                "train_step_s": result.get("mean_step_time"),
+                "train_data_wait_fraction": result.get("data_wait_fraction"),
+                "train_device": (config.get("environment") or {}).get("device_name")})
     return out
 
 
 def load_weights_into(module: torch.nn.Module, path: Path) -> dict | None:
-    """Load a `bench train` checkpoint or official weights; returns the checkpoint config."""
+    """Load a `bench train` checkpoint (returns its config) or official weights (via
+    bench.weights.load_weights: wrapper keys, prefixes, strict shape checks; returns None)."""
+    from bench.weights import load_weights
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"cannot load weights {path} with weights_only=True: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception:  # noqa: BLE001  (bench.weights explains unreadable files)
+        state = None
     if isinstance(state, dict) and state.get("format") == CKPT_FORMAT:
-        module.load_state_dict(state["model"], strict=True)
+        try:
+            module.load_state_dict(state["model"], strict=True)
+        except RuntimeError as e:
+            raise UsageError(f"{path} does not fit {type(module).__name__} as built (task, "
+                             f"scale, --set overrides): {str(e).splitlines()[0]}") from None
         return state.get("config")
-    try:
-        from bench.weights import load_weights
-    except ImportError:
-        load_weights = None
-    if load_weights is not None:
-        load_weights(module, path)
-        return None
-    for key in ("params_ema", "params", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    module.load_state_dict(state, strict=True)
+    load_weights(module, path)
     return None
 
 

@@ -328,6 +328,8 @@ def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> 
         spec = build_model(cfg, task)
     _check_crop(cfg, task, spec)
     model = spec.module.to(device).train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its kernels
 
     root, train_images, val_sets, dropped = _load_data(cfg, task, warn)
     dataset = TrainCrops(train_images, task, cfg.crop, upsampler=spec.upsampler, seed=cfg.seed)

@@ -183,3 +183,21 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, args, msg):
               "--no-progress", *args])
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
+
+
+def test_official_style_weights_load_into_a_registered_model(tmp_path):
+    from bench.evaluate import load_eval_model
+
+    cfg = make_task("deblur")
+    small = {"width": 8, "enc_blk_nums": [1], "dec_blk_nums": [1], "middle_blk_num": 1}
+    from bench import create_model
+    torch.manual_seed(1)
+    ref = create_model("nafnet", task="deblur", **small).eval()
+    torch.save({"params": ref.state_dict()}, tmp_path / "official.pth")
+    m = load_eval_model("nafnet", cfg, str(tmp_path / "official.pth"), overrides=small)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(m.module(x), ref(x))
+    assert m.weights_sha256 and m.train_budget is None
+    with pytest.raises(UsageError, match="does not fit"):
+        load_eval_model("nafnet", cfg, str(tmp_path / "official.pth"), overrides={"width": 16})
