@@ -2,8 +2,8 @@
 
 Every model keeps one color and marker in every figure of a report: the style comes from the
 model's place among the report's models sorted by name (the registry's order), not from which
-models one figure shows, so no two models of a report share a color (up to 8 models; beyond, the
-color repeats with another marker). A variant with constructor overrides shares its base model's
+models one figure shows, so no two models of a report share a color (up to 10 models; beyond,
+a color repeats with another marker). A variant with constructor overrides shares its base model's
 color and marker, drawn hollow and dashed. Card-dependent figures (memory, throughput) are drawn
 per card by the caller.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from bench.report_data import base_model
 
 COLUMN_WIDTH_IN = 3.3
-MARKERS = ["o", "s", "^", "D", "v", "P", "h"]  # 7 is coprime with the 8 colors: 56 pairs
+MARKERS = ["o", "s", "^", "D", "v", "P", "h"]  # 7 is coprime with the 10 colors: 70 pairs
 OOM_MARKER = "X"
 RC = {
     "font.size": 8, "axes.labelsize": 8, "axes.titlesize": 8, "xtick.labelsize": 7,
@@ -34,14 +34,13 @@ _METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}, "png": {}}
 
 
 def palette() -> list[str]:
-    """seaborn's colorblind palette without its gray (kept for reference lines) and yellow
-    (too light on white): 8 colors."""
+    """seaborn's colorblind palette, gray aside (kept for reference lines): its 8 most distinct
+    colors first (sky blue before brown, which is close to orange), then black, then its yellow
+    (light on white, so last)."""
     import seaborn as sns
 
-    colors = [c for c in sns.color_palette("colorblind").as_hex()
-              if c not in ("#949494", "#ece133")]
-    # sky blue before brown: the first six are the most distinct (orange vs brown are close)
-    return colors[:5] + colors[-1:] + colors[5:-1]
+    c = sns.color_palette("colorblind").as_hex()
+    return [c[0], c[1], c[2], c[3], c[4], c[9], c[5], c[6], "#000000", c[8]]
 
 
 @dataclass(frozen=True)
