@@ -294,8 +294,8 @@ def _grid(panels: list[tuple[str, torch.Tensor]], path: Path) -> None:
 def _mean_rows(rows: list[dict]) -> list[dict]:
     """One mean row per (model, dataset) from per-image rows."""
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["dataset"]), []).append(r)
+    for r in rows:  # the same model may be scored with several checkpoints
+        groups.setdefault((r["model"], r["weights_sha256"], r["dataset"]), []).append(r)
     out = []
     for group in groups.values():
         mean = {k: v for k, v in group[0].items() if k not in ("image", "input_sha256")}
@@ -331,6 +331,9 @@ def evaluate(models: list[EvalModel], cfg: TaskConfig, sets: dict, *, device="cp
             "tile_overlap": tile_overlap if tile else None, "quantized": "8bit",
             "y_channel": "bt601_ycbcr"}
     rows: list[dict] = []
+    names = [m.name for m in models]
+    labels = [n if names.count(n) == 1 else f"{n}@{(m.weights_sha256 or 'init')[:8]}-{i}"
+              for i, (n, m) in enumerate(zip(names, models))]
     total = sum(len(v) for v in sets.values())
     bar = tqdm(total=total * (len(models) + 1), disable=not progress, unit="img", leave=False)
     for dataset, records in sets.items():
@@ -348,7 +351,7 @@ def evaluate(models: list[EvalModel], cfg: TaskConfig, sets: dict, *, device="cp
                          "input_sha256": _tensor_sha(shown), "weights": None,
                          "weights_sha256": None, "train_budget": None, **env})
             bar.update()
-            for m in models:
+            for m, label in zip(models, labels):
                 inp = pairs[m.upsampler][1]
                 s = cfg.scale if (cfg.task == "sr" and m.upsampler) else 1
                 if device.type == "cuda":
@@ -368,9 +371,9 @@ def evaluate(models: list[EvalModel], cfg: TaskConfig, sets: dict, *, device="cp
                              "weights": m.weights, "weights_sha256": m.weights_sha256,
                              "train_budget": m.train_budget, "train_overlap": overlap[m.name],
                              **env})
-                panels.append((m.name, out))
+                panels.append((label, out))
                 if save_dir:
-                    _save_png(out, save_dir / m.name / dataset / f"{rec.name}.png")
+                    _save_png(out, save_dir / label / dataset / f"{rec.name}.png")
                 bar.update()
             if save_dir and grid:
                 _grid(panels + [("GT", gt)], save_dir / "grid" / dataset / f"{rec.name}.png")

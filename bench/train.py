@@ -309,7 +309,7 @@ def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> 
 
     dist = Dist.from_env()
     cfg = cfg.resolved()
-    cfg.scale, cfg.task_config = task.scale, task.to_dict()
+    cfg.task, cfg.scale, cfg.task_config = task.task, task.scale, task.to_dict()
     device = torch.device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -131,12 +131,13 @@ def test_evaluate_rows(tmp_path):
     _folder(tmp_path, "S")
     sets = {"S": load_set("S", tmp_path)}
     cfg = make_task("denoise")
-    models = [EvalModel("a", Identity3().eval()), EvalModel("b", Identity3().eval(), 8)]
+    models = [EvalModel("a", Identity3().eval()), EvalModel("b", Identity3().eval(), 8),
+              EvalModel("b", Identity3().eval(), weights_sha256="f00d" * 16)]
     rows = evaluate(models, cfg, sets, metrics=Metrics(cfg, lpips=False),
                     save_images=tmp_path / "out", grid=True, env={"host": "h"})
     per = [r for r in rows if r["image"] is not None]
     means = [r for r in rows if r["image"] is None]
-    assert len(per) == 6 and len(means) == 3
+    assert len(per) == 8 and len(means) == 4  # two checkpoints of "b": two mean rows
     assert all(r["kind"] == "quality" and r["host"] == "h" for r in rows)
     for img in ("im0", "im1"):
         shas = {r["input_sha256"] for r in per if r["image"] == img}
@@ -150,7 +151,8 @@ def test_evaluate_rows(tmp_path):
     assert mean_a["lpips"] is None and mean_a["lpips_status"].startswith("unavailable")
     assert (tmp_path / "out" / "a" / "S" / "im0.png").is_file()
     grid = Image.open(tmp_path / "out" / "grid" / "S" / "im1.png")
-    assert grid.size[0] == 4 * 72 + 3 * 4  # input | a | b | GT
+    assert grid.size[0] == 5 * 72 + 4 * 4  # input | a | b | b | GT
+    assert (tmp_path / "out" / "b@f00df00d-2" / "S" / "im0.png").is_file()
     json.dumps(rows, allow_nan=False)
 
 
@@ -201,3 +203,30 @@ def test_official_style_weights_load_into_a_registered_model(tmp_path):
     assert m.weights_sha256 and m.train_budget is None
     with pytest.raises(UsageError, match="does not fit"):
         load_eval_model("nafnet", cfg, str(tmp_path / "official.pth"), overrides={"width": 16})
+
+
+def test_bicubic_baseline_reproduces_published_set5_psnr():
+    """End to end (MATLAB bicubic, mod-crop, border, BT.601 Y, pyiqa PSNR): the `input` row of
+    SR on Set5 is the published bicubic baseline (EDSR/RCAN/SwinIR tables: 33.66, 28.42, 24.40
+    dB at x2/x4/x8; they round Y to 8 bits, we do not: within 0.05 dB)."""
+    import os
+    from pathlib import Path
+
+    import pyiqa
+
+    from bench.tasks import eval_pair
+    root = Path(os.environ.get("SERPENT_BENCH_DATA")
+                or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
+    if not (root / "Set5").is_dir():
+        pytest.skip("shared image data not found")
+    from bench.data import to_tensor
+    recs = load_set("Set5", root)
+    for s, published in ((2, 33.66), (4, 28.42), (8, 24.40)):
+        m = pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr",
+                                crop_border=s, device="cpu")
+        vals = []
+        for r in recs:
+            gt, _, shown = eval_pair(to_tensor(r.array)[None], r.id, make_task("sr", scale=s),
+                                     upsampler=True)
+            vals.append(m(quantize(shown), gt).item())
+        assert np.mean(vals) == pytest.approx(published, abs=0.05), s
