@@ -4,12 +4,15 @@ Only ``torch.load(..., weights_only=True)``: a checkpoint that needs arbitrary u
 pickled module, optimizer classes, ...) is refused, not executed.
 
 Wrappers: official checkpoints nest the state dict under a key. BasicSR-style releases
-(SwinIR, Restormer, NAFNet, MambaIR) use ``params`` and, when trained with an EMA copy,
-``params_ema``; SwinIR's `main_test_swinir.py` reads ``params`` for its classical-SR and
-denoising models and ``params_ema`` for its GAN-trained real-SR models, and BasicSR's test
-configs name ``params_ema`` whenever a checkpoint has it. So without an explicit `key`, the first
-of ``params_ema``, ``params``, ``state_dict``, ``model`` found is used (a plain state dict is used
-as is), and a DataParallel ``module.`` or torch.compile ``_orig_mod.`` prefix is stripped.
+(SwinIR, Restormer, NAFNet, MambaIR) use ``params`` and, when trained with an EMA copy, also
+``params_ema``. The official loaders read ``params`` unless told otherwise: BasicSR's
+`load_network` defaults to ``param_key='params'`` (configs opt into ``params_ema``), SwinIR's
+`main_test_swinir.py` reads ``params`` for its classical-SR and denoising models (the ones
+registered here; ``params_ema`` only for its GAN-trained real-SR models) and falls back to the
+plain dict, Restormer's test scripts read ``checkpoint['params']``. So without an explicit `key`,
+the first of ``params``, ``params_ema``, ``state_dict``, ``model`` found is used (a plain state
+dict is used as is); pass ``key="params_ema"`` for EMA weights. A DataParallel ``module.`` or
+torch.compile ``_orig_mod.`` prefix is stripped.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn as nn
 
 from bench.errors import UsageError
 
-WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
+WRAPPER_KEYS = ("params", "params_ema", "state_dict", "model")
 PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 10  # keys named per category in an error message
 

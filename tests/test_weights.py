@@ -42,13 +42,15 @@ def test_wrapped_checkpoints(tmp_path, wrap, used):
     assert same_weights(src, dst)
 
 
-def test_params_ema_preferred_unless_key_given(tmp_path):
+def test_params_preferred_like_official_loaders_unless_key_given(tmp_path):
     ema, raw, dst = model(0), model(1), model(2)
-    torch.save({"params": raw.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "b.pth")
-    assert load_weights(dst, tmp_path / "b.pth") == "params_ema"
-    assert same_weights(ema, dst)
-    assert load_weights(dst, tmp_path / "b.pth", key="params") == "params"
+    torch.save({"params_ema": ema.state_dict(), "params": raw.state_dict()}, tmp_path / "b.pth")
+    assert load_weights(dst, tmp_path / "b.pth") == "params"
     assert same_weights(raw, dst)
+    assert load_weights(dst, tmp_path / "b.pth", key="params_ema") == "params_ema"
+    assert same_weights(ema, dst)
+    torch.save({"params_ema": ema.state_dict()}, tmp_path / "e.pth")
+    assert load_weights(model(3), tmp_path / "e.pth") == "params_ema"
     with pytest.raises(UsageError, match="no key 'net_g'"):
         load_weights(dst, tmp_path / "b.pth", key="net_g")
 
