@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                     help="comma list of model:task:scale")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test)")
     ap.add_argument("--overrides", default="{}",
-                    help='constructor overrides per model as JSON, e.g. {"swinir": {"depths": [1]}}')
+                    help='per-model constructor overrides, JSON: {"swinir": {"depths": [1]}}')
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
