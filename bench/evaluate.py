@@ -196,7 +196,7 @@ def resolve_weights(path: str | Path) -> tuple[Path, Path | None]:
 def budget_of(config: dict) -> dict:
     """The training budget fields a quality row carries."""
     keys = ("iters", "crop", "batch", "lr", "min_lr", "warmup", "weight_decay", "loss",
-            "grad_clip", "dtype", "seed", "train_sets")
+            "grad_clip", "dtype", "seed", "train_sets", "n_train_images")
     out = {k: config.get(k) for k in keys}
     out["degradation"] = (config.get("task_config") or {}).get("key")
     result = config.get("result") or {}
