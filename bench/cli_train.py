@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import click
 
@@ -20,6 +22,14 @@ def parse_overrides(items) -> dict:
         except json.JSONDecodeError:
             out[k.strip()] = v
     return out
+
+
+def _ranks() -> tuple[int, int]:
+    """(RANK, LOCAL_RANK) as torchrun exports them; (0, 0) in a plain process."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0, 0
 
 
 def task_options(fn):
@@ -62,7 +72,8 @@ def make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma):
 @click.option("--crop", type=int, default=128, show_default=True,
               help="Ground-truth (output) crop side; the LR crop is crop/scale for SR models "
                    "with their own upsampler.")
-@click.option("--batch", type=int, default=8, show_default=True, help="Global batch size.")
+@click.option("--batch", type=int, default=8, show_default=True,
+              help="Global batch size: under torchrun it is split evenly over the processes.")
 @click.option("--out-dir", required=True, help="Run folder: checkpoints, logs, train_config.json.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="AdamW peak lr.")
 @click.option("--min-lr", type=float, default=1e-6, show_default=True, help="Cosine floor.")
@@ -101,28 +112,43 @@ def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, o
           holdout_sets, drop_overlap, device, dtype, workers, seed, no_progress):
     """Train MODEL for TASK with AdamW + cosine schedule; writes checkpoints and a CSV log.
 
+    Under torchrun (one or several nodes) it trains with DistributedDataParallel: same
+    global batch, same results, whatever the number of processes.
+
     \b
     Example:
       bench train --model serpent_s --task sr --scale 8 --train-set Urban100 \\
           --iters 2000 --crop 128 --batch 16 --val-set Set5 --out-dir runs/serpent_s_sr8
+      torchrun --nproc_per_node 4 -m bench train --model serpent_s ... --batch 32
     """
     from bench.data import split_names
     from bench.train import TrainConfig, TrainingDiverged, train as run
 
-    task_cfg = make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma)
-    cfg = TrainConfig(
-        model=model, task=task, train_sets=split_names(train_sets), iters=iters, crop=crop,
-        batch=batch, out_dir=out_dir, lr=lr, min_lr=min_lr, warmup=warmup,
-        weight_decay=weight_decay, loss=loss, grad_clip=grad_clip,
-        val_sets=split_names(val_sets), val_every=val_every, val_limit=val_limit,
-        ckpt_every=ckpt_every, log_every=log_every, stop_at=stop_at, resume=resume,
-        device=device, dtype=dtype, workers=workers, seed=seed, data_root=data_root,
-        holdout_sets=split_names(holdout_sets), drop_overlap=drop_overlap,
-        model_overrides=parse_overrides(overrides), progress=not no_progress)
+    rank, local_rank = _ranks()
     try:
+        task_cfg = make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma)
+        cfg = TrainConfig(
+            model=model, task=task, train_sets=split_names(train_sets), iters=iters, crop=crop,
+            batch=batch, out_dir=out_dir, lr=lr, min_lr=min_lr, warmup=warmup,
+            weight_decay=weight_decay, loss=loss, grad_clip=grad_clip,
+            val_sets=split_names(val_sets), val_every=val_every, val_limit=val_limit,
+            ckpt_every=ckpt_every, log_every=log_every, stop_at=stop_at, resume=resume,
+            device=device, dtype=dtype, workers=workers, seed=seed, data_root=data_root,
+            holdout_sets=split_names(holdout_sets), drop_overlap=drop_overlap,
+            model_overrides=parse_overrides(overrides), progress=not no_progress)
         s = run(cfg, task_cfg)
-    except TrainingDiverged as e:
-        raise click.ClickException(str(e)) from None
+    except (UsageError, TrainingDiverged) as e:
+        # Under torchrun every process hits the same error: the first process of each node
+        # says it (one line on a single node), the others just exit with the same code.
+        code = 2 if isinstance(e, UsageError) else 1
+        if local_rank:
+            sys.exit(code)
+        msg = f"rank {rank}: {e}" if rank else str(e)
+        if code == 2:
+            raise UsageError(msg) from None
+        raise click.ClickException(msg) from None
+    if rank:
+        return
     best = f", best val PSNR {s['best_val_psnr']:.2f} dB" if s["best_val_psnr"] else ""
     wait = s["data_wait_fraction"]
     speed = (f" ({s['mean_step_time'] * 1e3:.1f} ms/step, data wait {wait:.1%} of step time)"

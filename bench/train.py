@@ -11,7 +11,13 @@ Design points:
   --ckpt-every iterations and at the end, `best.pt` when validation PSNR improves.
 - A non-finite loss or gradient norm stops training before the optimizer step, with a message
   naming the last good checkpoint; nothing is written after the bad step.
-- Logging and checkpointing go through `Dist.is_main`; only rank 0 writes.
+- Under torchrun (bench.distributed) the model is wrapped in DistributedDataParallel; --batch is
+  the global batch and the loss is a mean, so the averaged DDP gradient is the single-process
+  gradient of the same global batch: loss curves agree to floating-point rounding whatever the
+  number of processes. Rank 0 alone logs and writes checkpoints (the others wait at a barrier);
+  checkpoints hold the unwrapped model, so any world size (or `bench eval`) can load them.
+  The logged loss is the mean over all ranks; the NaN guard is agreed by all ranks; validation
+  is split over the ranks. Ranks > 0 draw dropout/drop-path noise from their own seeds.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench import distributed
+from bench.distributed import Dist
 from bench.errors import UsageError
 from bench.evaluate import (CKPT_FORMAT, TRAIN_CONFIG, TRAIN_IMAGES, psnr_rgb, quantize,
                             restore)
@@ -118,33 +126,11 @@ def lr_factor(it: int, iters: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-@dataclass(frozen=True)
-class Dist:
-    """Process-group view: rank-aware logging, checkpointing and data slicing (torchrun ready)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            raise UsageError("bench train under torchrun (WORLD_SIZE > 1) is not implemented yet "
-                             "(issue 8); run it as a single process")
-        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
 class SampleIndices(torch.utils.data.Sampler):
     """Global sample numbers of this rank, iteration by iteration, from `start` on."""
 
     def __init__(self, start: int, iters: int, global_batch: int, dist: Dist):
-        if global_batch % dist.world:
-            raise UsageError(f"--batch {global_batch} is not divisible by {dist.world} ranks")
+        dist.check_batch(global_batch)
         self.start, self.iters, self.gb, self.dist = start, iters, global_batch, dist
         self.local = global_batch // dist.world
 
@@ -163,7 +149,8 @@ def rng_state(device: torch.device) -> dict:
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        # this process's GPU only: under torchrun the others belong to other ranks
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": [py_state[0], list(py_state[1]), py_state[2]],
@@ -172,8 +159,9 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if device.type == "cuda" and cuda:  # one state, or (older files) one per visible GPU
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[device.index or 0], device)
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached_gaussian"]))
@@ -270,18 +258,21 @@ def _load_data(cfg: TrainConfig, task: TaskConfig, warn):
     return root, fits, val, dropped
 
 
-def _validate(spec: ModelSpec, val_pairs, task: TaskConfig, device, autocast: bool) -> float:
-    """Mean RGB PSNR (8-bit quantized, border = scale for SR) over the validation images."""
+def _validate(spec: ModelSpec, val_pairs, task: TaskConfig, device, autocast: bool,
+              dist: Dist = Dist()) -> float:
+    """Mean RGB PSNR (8-bit quantized, border = scale for SR) over the validation images; under
+    torchrun each rank scores every world-th image and the sums are all-reduced."""
     spec.module.eval()
     s = task.scale if (task.task == "sr" and spec.upsampler) else 1
     border = task.scale if task.task == "sr" else 0
-    vals = []
-    for gt, inp in val_pairs:
+    total = 0.0
+    for gt, inp in val_pairs[dist.rank::dist.world]:
         out = restore(spec.module, inp.to(device), multiple=spec.multiple, out_scale=s,
                       autocast=autocast)
-        vals.append(psnr_rgb(quantize(out).cpu(), gt, border))
+        total += psnr_rgb(quantize(out).cpu(), gt, border)
     spec.module.train()
-    return float(np.mean(vals))
+    total, = distributed.all_reduce_sum([total], dist, device)
+    return total / len(val_pairs)
 
 
 class _CsvLog:
@@ -302,15 +293,27 @@ class _CsvLog:
 
 
 def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> dict:
-    """Run (or resume) one training; returns a summary dict. See module doc."""
+    """Run (or resume) one training; returns a summary dict. See module doc.
+
+    Under torchrun every process calls this; the configuration is checked before the process
+    group is joined, so a bad --batch stops every rank at once with the same message.
+    """
+    dist = Dist.from_env()
+    cfg = cfg.resolved()
+    dist.check_batch(cfg.batch)
+    device = dist.device(cfg.device)
+    cfg.device = str(device)
+    with distributed.process_group(dist, device):
+        return _train(cfg, task, spec, dist, device)
+
+
+def _train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None, dist: Dist,
+           device: torch.device) -> dict:
     from tqdm import tqdm
 
     from bench.data import TrainCrops, record_summary, to_tensor
 
-    dist = Dist.from_env()
-    cfg = cfg.resolved()
     cfg.task, cfg.scale, cfg.task_config = task.task, task.scale, task.to_dict()
-    device = torch.device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     messages: list[str] = []
@@ -348,7 +351,8 @@ def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> 
         opt, lambda it: lr_factor(it, cfg.iters, cfg.warmup, min_ratio))
 
     start, best = 0, None
-    config = {**asdict(cfg), "params": sum(p.numel() for p in model.parameters()),
+    config = {**asdict(cfg), "world_size": dist.world, "batch_per_process": cfg.batch // dist.world,
+              "params": sum(p.numel() for p in model.parameters()),
               "family": spec.family, "multiple": spec.multiple, "upsampler": spec.upsampler,
               "n_train_images": len(train_images), "dropped_overlap": dropped,
               "data_root": str(root) if root else None, "command": sys.argv}
@@ -366,12 +370,18 @@ def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> 
         sched.load_state_dict(ckpt["scheduler"])
         start, best = int(ckpt["iteration"]), ckpt.get("best_val_psnr")
         set_rng_state(ckpt["rng"], device)
-        config["resumed_from"] = {"path": str(resume), "iteration": start}
+        config["resumed_from"] = {"path": str(resume), "iteration": start,
+                                  "world_size": old.get("world_size", 1)}
+    if dist.rank:  # rank 0 carries the single-process RNG stream; the others get their own
+        torch.manual_seed(distributed.rank_seed(cfg.seed, dist.rank, start))
+    devices = distributed.gather(distributed.describe(device), dist) if dist.world > 1 else None
 
     if dist.is_main:
         from bench.environment import environment
 
         config["environment"] = environment(device)
+        if devices:
+            config["devices"] = devices  # one per rank
         atomic_write_text(json.dumps(config, indent=2, default=str), out / TRAIN_CONFIG)
         atomic_write_text(json.dumps([record_summary(r) for r in train_images]),
                           out / TRAIN_IMAGES)
@@ -385,20 +395,23 @@ def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> 
         prefetch_factor=4 if cfg.workers > 0 else None,
         generator=torch.Generator())  # keeps the loader from drawing on the global torch RNG
     loss_fn = LOSSES[cfg.loss]
+    ddp = distributed.wrap(model, dist, device)  # forward through it; save/validate `model`
     autocast = cfg.dtype == "bf16"
     last_ckpt = (str(out / "last.pt"), start) if resume else None
 
     def save(it: int, name: str = "last.pt") -> None:
         nonlocal last_ckpt
+        if name == "last.pt":
+            last_ckpt = (str(out / name), it)
         if not dist.is_main:
+            distributed.barrier(dist)  # the file exists once this returns
             return
         atomic_save({"format": CKPT_FORMAT, "model": model.state_dict(),
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "iteration": it, "best_val_psnr": best, "rng": rng_state(device),
                      "config": json.loads(json.dumps(config, default=str)),
                      "data": {"seed": cfg.seed, "samples_seen": it * cfg.batch}}, out / name)
-        if name == "last.pt":
-            last_ckpt = (str(out / name), it)
+        distributed.barrier(dist)
 
     bar = tqdm(total=cfg.iters, initial=start, disable=not (cfg.progress and dist.is_main),
                unit="it", dynamic_ncols=True)
@@ -416,18 +429,19 @@ def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> 
             target = target.to(device, non_blocking=True)
             t_data = time.perf_counter() - t0
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                pred = model(inp)
+                pred = ddp(inp)
             loss = loss_fn(pred.float(), target)
-            loss_value = loss.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP: gradients averaged over ranks = global-batch gradient
+            norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if cfg.grad_clip > 0 else None)
+            # the step is taken only if every rank's loss and gradient norm are finite
+            loss_value, bad_norm = distributed.step_check(loss, norm, dist)
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(_diverged("loss", loss_value, it + 1, last_ckpt))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if not torch.isfinite(norm):
-                    raise TrainingDiverged(_diverged("gradient norm", float(norm), it + 1,
-                                                     last_ckpt))
+            if bad_norm:
+                raise TrainingDiverged(_diverged("gradient norm", float(norm), it + 1,
+                                                 last_ckpt))
             opt.step()
             sched.step()
             it += 1
@@ -440,7 +454,7 @@ def train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None = None) -> 
             time_total += step
             val_psnr = None
             if cfg.val_every and val_pairs and (it % cfg.val_every == 0 or it == cfg.iters):
-                val_psnr = _validate(spec, val_pairs, task, device, autocast)
+                val_psnr = _validate(spec, val_pairs, task, device, autocast, dist)
                 if best is None or val_psnr > best:
                     best = val_psnr
                     save(it, "best.pt")
