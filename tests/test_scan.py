@@ -71,11 +71,12 @@ def test_chunked_equals_sequential_float64(case, softplus):
     grad_out = torch.randn_like(ref)
     wrt = [t for t in inp.values() if t is not None]
     ref_grads = torch.autograd.grad(ref, wrt, grad_out)
-    for chunk in (4, 7, None):  # l not a multiple of the chunk, and the default chunk
-        out = chunked_scan(**inp, delta_softplus=softplus, chunk=chunk)
+    # l not a multiple of the chunk; the default chunk; time blocks carrying the state
+    for chunk, block in ((4, None), (7, None), (None, None), (4, 10), (None, 16)):
+        out = chunked_scan(**inp, delta_softplus=softplus, chunk=chunk, block=block)
         assert rel(out, ref) < 1e-10
         for name, g, rg in zip(NAMES, torch.autograd.grad(out, wrt, grad_out), ref_grads):
-            assert rel(g, rg) < 1e-10, (name, chunk)
+            assert rel(g, rg) < 1e-10, (name, chunk, block)
 
 
 def test_sequential_matches_independent_recurrence():

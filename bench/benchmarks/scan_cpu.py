@@ -4,13 +4,16 @@
 
 The two backends run interleaved (one run of each per round) so that load from other processes
 hits both alike; each row reports the median, IQR and min over the rounds, the speedup of the
-median over the loop's median, and the fp32 relative error against the loop. Acceptance
-(issue 3): chunked >= 20x faster than the loop at L=4096 (b=1, d=64, n=16).
+median over the loop's median, the fp32 relative error against the loop, the thread count and
+the 1-minute load average (on a shared machine the multi-threaded ops of the chunked scan suffer
+from other processes far more than the loop, whose small ops run on one thread anyway).
+Acceptance (issue 3): chunked >= 20x faster than the loop at L=4096 (b=1, d=64, n=16).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
                 "dtype": "float32", "pass": "forward", "median_ms": med, "iqr_ms": q3 - q1,
                 "min_ms": min(ts), "runs": len(ts), "speedup": loop_median / med,
                 "rel_err_vs_sequential": err if name == "chunked" else 0.0,
-                "cpu": env["device_name"], "threads": torch.get_num_threads(), **env})
+                "cpu": env["device_name"], "threads": torch.get_num_threads(),
+                "loadavg_1m": os.getloadavg()[0], **env})
             print(f"l={l:6d} {name:10s} median {med:9.2f} ms  iqr {q3 - q1:7.2f}  "
                   f"min {min(ts):9.2f}  speedup {loop_median / med:6.1f}x"
                   + (f"  rel.err {err:.1e}" if name == "chunked" else ""))
