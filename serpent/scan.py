@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from typing import Optional
 
 import torch
@@ -199,6 +200,25 @@ def _linear_scan(a: Tensor, x: Tensor) -> Tensor:
     return _scan_(a, x)  # a, x are temporaries of the caller: scan in place
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(name: str, *operands: Tensor) -> Optional[Tensor]:
+    """CPU output buffer for the broadcast product of `operands`, reused across calls (per
+    thread, grow-only, at most a block's work tensor each): a fresh 16 MB allocation costs as
+    much in page faults as the whole scan (measured: 22 ms vs 11 ms at l=4096, d=64). On CUDA
+    the caching allocator already recycles memory: None (allocate normally)."""
+    like = operands[0]
+    if like.device.type != "cpu":
+        return None
+    shape = torch.broadcast_shapes(*(t.shape for t in operands))
+    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
+    buf = bufs.get((name, like.dtype))
+    if buf is None or buf.numel() < math.prod(shape):
+        buf = bufs[(name, like.dtype)] = torch.empty(math.prod(shape), dtype=like.dtype)
+    return buf[: math.prod(shape)].view(shape)
+
+
 BLOCK_ELEMENTS = 1 << 22  # per work tensor (16 MB in fp32): cache-friendly, recycled by malloc
 
 
@@ -233,14 +253,16 @@ def _chunked_block(u, delta, A, B, C, state, chunk):
     dtu = rearrange(F.pad(delta * u, pad), "b (g e) (c t) -> t c b g e 1", g=g, t=T).contiguous()
     Bt = rearrange(F.pad(B, pad), "b g n (c t) -> t c b g 1 n", t=T).contiguous()
     Ct = rearrange(F.pad(C, pad), "b g n (c t) -> t c b g 1 n", t=T).contiguous()
-    a = (dt * A).exp_()  # (T, nc, b, d, n); entries <= 1 when A < 0
-    x = (dtu * Bt).flatten(3, 4)  # (T, nc, b, d, n)
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, state))
+    # (T, nc, b, d, n): decays (<= 1 when A < 0) and inputs
+    a = torch.mul(dt, A, out=None if tracked else _workspace("a", dt, A)).exp_()
+    x = torch.mul(dtu, Bt, out=None if tracked else _workspace("x", dtu, Bt)).flatten(3, 4)
     if state is not None:
         x[0, 0].addcmul_(a[0, 0], state)
     h = _linear_scan(a, x)
     final = h[-1, -1].clone()
     h = h.unflatten(3, (g, -1))
-    tracked = torch.is_grad_enabled() and (h.requires_grad or Ct.requires_grad)
     y = (h * Ct if tracked else h.mul_(Ct)).sum(-1)  # (T, nc, b, g, e)
     return rearrange(y, "t c b g e -> b (g e) (c t)")[..., :l], final
 
