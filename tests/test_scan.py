@@ -79,6 +79,19 @@ def test_chunked_equals_sequential_float64(case, softplus):
             assert rel(g, rg) < 1e-10, (name, chunk, block)
 
 
+def test_reused_cpu_work_buffers_never_leak_into_outputs():
+    small = make_inputs(l=40, dtype=torch.float32)
+    big = make_inputs(d=16, l=300, g=4, dtype=torch.float32, seed=1)
+    with torch.no_grad():
+        first = chunked_scan(**small)
+        kept = first.clone()
+        other = chunked_scan(**big)  # grows and overwrites the shared buffers
+        again = chunked_scan(**small)
+    assert torch.equal(first, kept) and torch.equal(first, again)
+    ref = sequential_scan(**{k: None if v is None else v.double() for k, v in big.items()})
+    assert rel(other.double(), ref) < 1e-5
+
+
 def test_sequential_matches_independent_recurrence():
     inp = make_inputs(b=1, d=4, l=9, n=3, g=2)
     out = sequential_scan(**inp, delta_softplus=True)
