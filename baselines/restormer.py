@@ -250,7 +250,14 @@ OFFICIAL = dict(inp_channels=3, out_channels=3, dim=48, num_blocks=[4, 6, 6, 8],
                 tasks=("deblur", "denoise", "sr"), scales=(2, 3, 4, 8),
                 notes="deblur/sr: motion-deblurring network (WithBias LayerNorm); denoise: "
                       "Gaussian color denoising (BiasFree); SR on the bicubic-upsampled input")
-def restormer(*, task: str, scale: int, attn_impl: str = "sdpa", **overrides) -> Restormer:
-    """Official Restormer for `task`; `scale` only sets the bicubic input size (x1 network)."""
+def restormer(*, task: str, scale: int, attn_impl: str = "math", **overrides) -> Restormer:
+    """Official Restormer for `task`; `scale` only sets the bicubic input size (x1 network).
+
+    Default attention is the official math path: MDTA attends across channels, so SDPA's "head
+    dimension" is the pixel count (65,536 at 256x256). No fused kernel takes that (flash stops at
+    256; on an H200, torch 2.11's memory-efficient kernel failed with "cutlassF: no kernel found
+    to launch" at 512 px training and at 1024 px, results/gpu_h200x4_efficiency.jsonl), and the
+    C x C attention matrix is tiny, so the math path is also the fast one.
+    """
     config = {**OFFICIAL, "LayerNorm_type": "BiasFree" if task == "denoise" else "WithBias"}
     return Restormer(**{**config, "attn_impl": attn_impl, **overrides})

@@ -217,18 +217,30 @@ class WindowAttention(nn.Module):
     def _sdpa(self, q, k, v, bias, plan):
         nw, b, h, n, d = q.shape
         p = self.attn_drop.p if self.training else 0.0
+        # The fused (memory-efficient) kernel needs a head dim divisible by 8 and a 4-D mask;
+        # SwinIR's is 180 / 6 = 30. Zero-padding q, k, v to 32 leaves q.k and the first 30
+        # output columns unchanged (the scale stays 30 ** -0.5), so the function is the same.
+        pad = _fused_kernel_pad(q)
+        if pad:
+            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=p, scale=self.scale)
         split = plan.n_plain
         parts = []
         if split:  # unmasked windows: one (heads, N, N) bias broadcast over windows and batch
             flat = [t[:split].flatten(0, 1) for t in (q, k, v)]
-            parts.append(sdpa(*flat, attn_mask=bias).view(split, b, h, n, d))
+            parts.append(sdpa(*flat, attn_mask=bias[None]).view(split, b, h, n, d + pad))
         if split < nw:  # masked windows: fold windows into heads so the mask broadcasts over batch
             m = nw - split
-            folded = [t[split:].transpose(0, 1).reshape(b, m * h, n, d) for t in (q, k, v)]
-            mask = (bias + plan.mask(q.dtype)[:, None]).view(m * h, n, n)
-            parts.append(sdpa(*folded, attn_mask=mask).view(b, m, h, n, d).transpose(0, 1))
-        return parts
+            folded = [t[split:].transpose(0, 1).reshape(b, m * h, n, d + pad) for t in (q, k, v)]
+            mask = (bias + plan.mask(q.dtype)[:, None]).view(1, m * h, n, n)
+            parts.append(sdpa(*folded, attn_mask=mask).view(b, m, h, n, d + pad).transpose(0, 1))
+        return [part[..., :d] for part in parts] if pad else parts
+
+
+def _fused_kernel_pad(q: torch.Tensor) -> int:
+    """Head-dim padding for SDPA's fused kernels: CUDA only (where those kernels are), so FLOP
+    counts on meta tensors stay those of the real head dim."""
+    return -q.shape[-1] % 8 if q.is_cuda else 0
 
 
 class SwinTransformerBlock(nn.Module):

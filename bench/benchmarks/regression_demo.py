@@ -1,14 +1,17 @@
 """Does the regression gate catch a real slowdown and stay quiet on noise? (issue 7)
 
-Runs the same small sweep three times on one GPU: A, B (unchanged) and C, where one model is
-deliberately slowed by applying one of its layers twice. Then `bench compare A B` must pass
-(no false alarm) and `bench compare A C` must fail.
+Runs the same small sweep three times on one GPU, each in a fresh process: A, B (unchanged) and
+C, where one model is deliberately slowed by applying one of its layers twice (on real tensors
+only, so its FLOP count is unchanged and the gate must catch the slowdown from the timings).
+Then `bench compare A B` must pass (no false alarm) and `bench compare A C` must fail, on
+latency/throughput of the slowed model only.
 
     python -m bench.benchmarks.regression_demo --out-dir results/regression_demo
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +27,17 @@ SLOWED = "nafnet_w32"
 
 
 def _apply_twice(module: torch.nn.Module) -> None:
-    """Make `module` run its forward on its own output once more (shape-preserving layers)."""
+    """Make `module` run its forward on its own output once more (shape-preserving layers).
+
+    Meta tensors (FLOP counting) pass once: the slowdown must be found by timing, not by FLOPs.
+    """
     forward = module.forward
-    module.forward = lambda x, *a, **k: forward(forward(x, *a, **k), *a, **k)
+
+    def twice(x, *a, **k):
+        y = forward(x, *a, **k)
+        return y if x.is_meta else forward(y, *a, **k)
+
+    module.forward = twice
 
 
 def slowed_constructor(fn, attr_path: str):
@@ -54,33 +65,42 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--res", type=int, default=512)
-    ap.add_argument("--slow-layer", default="middle_blks.0",
-                    help=f"attribute path of the {SLOWED} layer applied twice")
+    ap.add_argument("--slow-layer", default="encoders.3",
+                    help=f"attribute path of the {SLOWED} layer applied twice (encoders.3: the "
+                    "28-block stage, about 70% of its FLOPs)")
+    ap.add_argument("--sweep", choices=["A", "B", "C"], help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {tag: out_dir / f"sweep_{tag}.jsonl" for tag in "ABC"}
+    if args.sweep:
+        return _one_sweep(args, paths[args.sweep])
+    for tag, p in paths.items():
+        p.unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-m", "bench.benchmarks.regression_demo", "--out-dir",
+                        str(out_dir), "--res", str(args.res), "--slow-layer", args.slow_layer,
+                        "--sweep", tag], check=True)
+    same = _compare(paths["A"], paths["B"], out_dir, "A_vs_B")
+    slowed = _compare(paths["A"], paths["C"], out_dir, "A_vs_C_slowed")
+    verdict = json.loads((out_dir / "compare_A_vs_C_slowed.json").read_text())
+    failing = {c["config"]["model"] for c in verdict.get("configs", []) if c.get("fail")}
+    ok = same == 0 and slowed == 1 and failing == {SLOWED}
+    print(f"A vs B (unchanged): exit {same} (want 0); A vs C ({SLOWED} slowed): exit {slowed} "
+          f"(want 1), regressions in {sorted(failing)} (want ['{SLOWED}']) -> {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def _one_sweep(args, path: Path) -> int:
+    """One sweep in this (fresh) process; sweep C builds the slowed model."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     configs = [RunConfig(model=m, res=args.res, dtype="bf16" if device == "cuda" else "fp32",
                          device=device, warmup=10, iters=50, min_time=1.0 if device == "cuda" else 0)
                for m in MODELS]
-    paths = {tag: out_dir / f"sweep_{tag}.jsonl" for tag in "ABC"}
-    for p in paths.values():
-        p.unlink(missing_ok=True)
-    run_sweep(configs, paths["A"], isolate=False, progress=False)
-    run_sweep(configs, paths["B"], isolate=False, progress=False)
-    info = registry.model_info(SLOWED)
-    original = info.fn
-    object.__setattr__(info, "fn", slowed_constructor(original, args.slow_layer))
-    try:
-        run_sweep(configs, paths["C"], isolate=False, progress=False)
-    finally:
-        object.__setattr__(info, "fn", original)
-    same = _compare(paths["A"], paths["B"], out_dir, "A_vs_B")
-    slowed = _compare(paths["A"], paths["C"], out_dir, "A_vs_C_slowed")
-    ok = same == 0 and slowed == 1
-    print(f"A vs B (unchanged): exit {same} (want 0); A vs C ({SLOWED} slowed): exit {slowed} "
-          f"(want 1) -> {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    if args.sweep == "C":
+        info = registry.model_info(SLOWED)
+        object.__setattr__(info, "fn", slowed_constructor(info.fn, args.slow_layer))
+    run_sweep(configs, path, isolate=False, progress=False)
+    return 0
 
 
 if __name__ == "__main__":

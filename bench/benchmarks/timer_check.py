@@ -18,9 +18,9 @@ from bench.results import append_rows
 from bench.timing import measure
 
 WORKLOADS = [  # (model, res, dtype): one conv, one attention, one SSM model
-    ("nafnet_w32", 512, torch.bfloat16),
+    ("nafnet_w32", 1024, torch.bfloat16),
     ("swinir", 256, torch.bfloat16),
-    ("serpent_s", 512, torch.bfloat16),
+    ("serpent_s", 1024, torch.bfloat16),
 ]
 
 
