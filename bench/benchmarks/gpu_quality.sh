@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU reference run (quality, then multi-GPU scaling), as the committed results were produced.
+# From the repo root on a 4-GPU machine, after ../shared/gpu/stage.sh --data Kodak24,Set14,CBSD68
+# plus .gpu/data/BSD100_train (the 32 BSD100 images that are not in CBSD68):
+#     OUT=/some/dir bash bench/benchmarks/gpu_quality.sh
+# Same training budget for every model and task (bench.benchmarks.quality_short: iterations,
+# crop, batch, lr, data, seed); the four models' runs are spread over the GPUs and each process
+# evaluates its models on the same deterministic inputs (Kodak24, Set14, CBSD68).
+set -u
+R="${OUT:-results/gpu}"
+mkdir -p "$R"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export SERPENT_BENCH_DATA="${SERPENT_BENCH_DATA:-$PWD/.gpu/data}"
+t0=$SECONDS
+DEADLINE=${DEADLINE:-575}
+left() { local l=$(( DEADLINE - SECONDS + t0 )); (( l > $1 )) && echo "$1" || echo $(( l > 5 ? l : 5 )); }
+source .gpu/setup.sh > "$R/setup.log" 2>&1
+tail -n 3 "$R/setup.log"; echo "setup: $((SECONDS - t0)) s"
+BUDGET=(--iters "${ITERS:-300}" --crop 128 --batch 8 --lr 2e-4 --workers 8 --seed 0
+        --train-set BSD100_train --eval-set Kodak24,Set14,CBSD68)
+q() {  # q GPU TASKS MODELS
+  CUDA_VISIBLE_DEVICES=$1 timeout $(left 420) python -m bench.benchmarks.quality_short "${BUDGET[@]}" \
+    --tasks "$2" --models "$3" --runs-dir "/tmp/q$1" --out "$R/quality.jsonl" > "$R/quality_gpu$1.log" 2>&1
+}
+q 0 deblur swinir & q 1 sr8 swinir & q 2 deblur,sr8 restormer & q 3 deblur,sr8 serpent_s,nafnet &
+wait
+echo "quality: $((SECONDS - t0)) s"
+for f in "$R"/quality_gpu*.log; do tail -n 14 "$f"; done
+if [[ -f bench/benchmarks/ddp_scaling.py ]]; then
+  timeout $(left 200) python -m bench.benchmarks.ddp_scaling --out "$R/ddp_scaling.jsonl" > "$R/ddp_scaling.log" 2>&1
+  tail -n 20 "$R/ddp_scaling.log"
+fi
+echo "done: $((SECONDS - t0)) s"
