@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -139,9 +140,11 @@ def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, o
         s = run(cfg, task_cfg)
     except (UsageError, TrainingDiverged) as e:
         # Under torchrun every process hits the same error: the first process of each node
-        # says it (one line on a single node), the others just exit with the same code.
+        # says it (one line on a single node), the others exit with the same code a moment
+        # later (torchrun stops the remaining processes as soon as one has exited).
         code = 2 if isinstance(e, UsageError) else 1
         if local_rank:
+            time.sleep(1.0)
             sys.exit(code)
         msg = f"rank {rank}: {e}" if rank else str(e)
         if code == 2:
