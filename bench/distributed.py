@@ -77,10 +77,18 @@ def process_group(dist: Dist, device: torch.device):
     if dist.world == 1 or td.is_initialized():
         yield
         return
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise UsageError(f"WORLD_SIZE={dist.world} but {' and '.join(missing)} not set: start "
+                         "the processes with torchrun")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if device.type == "cuda":
+        import inspect
+
         torch.cuda.set_device(device)
-        td.init_process_group("nccl", device_id=device)
+        bind = ({"device_id": device}  # torch >= 2.3: communicators bound to this GPU up front
+                if "device_id" in inspect.signature(td.init_process_group).parameters else {})
+        td.init_process_group("nccl", **bind)
     else:
         td.init_process_group("gloo")
     try:
@@ -114,7 +122,7 @@ def step_check(loss: torch.Tensor, norm: torch.Tensor | None, dist: Dist) -> tup
     mean non-finite, so all ranks stop at the same iteration.
     """
     bad = torch.zeros((), device=loss.device) if norm is None else (~torch.isfinite(norm)).float()
-    t = torch.stack([loss.detach().float(), bad.float()])
+    t = torch.stack([loss.detach().float(), bad])
     if active(dist):
         td.all_reduce(t)
     total, flags = t.tolist()

@@ -152,8 +152,8 @@ def test_batch_not_divisible_by_world_size_is_one_clear_line(tmp_path):
                        text=True, timeout=120, env=env)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "bench: error: --batch 3 (the global batch) is not divisible by the 2 processes; "
-        "use a multiple of 2"]
+        ("bench: error: --batch 3 (the global batch) is not divisible by the 2 processes; "
+         "use a multiple of 2")]
     # the whole torchrun job: every rank exits 2, the message appears once
     p = _torchrun(["-m", "bench", *args])
     assert p.returncode != 0

@@ -242,7 +242,8 @@ def _sweep(spec: str, cuda: bool, n_dev: int, extra: str, tmp: Path, timeout: fl
     print(f"[sweep --gpus {spec}] {len(rows)} rows in {wall:.1f} s (exit {rc})", flush=True)
     return {"gpus": spec, "n_gpus": n, "wall_s": wall, "exit_code": rc, "n_rows": len(rows),
             "n_ok": sum(r.get("status") == "ok" for r in rows),
-            "gpu_indices": sorted({r.get("gpu_index") for r in rows if r.get("gpu_index") is not None}),
+            "gpu_indices": sorted({r["gpu_index"] for r in rows
+                                   if r.get("gpu_index") is not None}),
             "row_devices": sorted({r.get("device_name") for r in rows if r.get("device_name")}),
             "command": " ".join(cmd[1:]).replace(str(out), "<tmp>.jsonl")}
 
@@ -251,15 +252,14 @@ def _training_rows(results: dict, models: list[str], sizes: list[int], args, env
     rows = []
     for m in models:
         for scaling in ("strong", "weak"):
-            def batch(n):
-                return args.batch if scaling == "strong" else n * args.per_gpu_batch
-
-            base = results.get((m, 1, batch(1)), {})
-            for n in sizes:
-                r = results.get((m, n, batch(n)), {"status": "error", "message": "not run"})
+            batches = {n: args.batch if scaling == "strong" else n * args.per_gpu_batch
+                       for n in sizes}
+            base = results.get((m, 1, batches[1]), {})
+            for n, gb in batches.items():
+                r = results.get((m, n, gb), {"status": "error", "message": "not run"})
                 row = {"kind": "ddp_scaling", "benchmark": "ddp_train", "model": m,
-                       "scaling": scaling, "world_size": n, "global_batch": batch(n),
-                       "batch_per_gpu": batch(n) // n, "task": "denoise", "crop": args.crop,
+                       "scaling": scaling, "world_size": n, "global_batch": gb,
+                       "batch_per_gpu": gb // n, "task": "denoise", "crop": args.crop,
                        "iters": args.iters, "timed_steps": args.iters - args.skip,
                        "efficiency_formula": ("img_s(N) / (N * img_s(1)), same global batch"
                                               if scaling == "strong" else
