@@ -78,10 +78,10 @@ def main(argv=None) -> int:
 
 def _parent(args) -> int:
     import torch
-    from tabulate import tabulate
 
     from bench.cli_train import parse_overrides
     from bench.data import split_names
+    from bench.environment import environment
     from bench.results import append_rows
 
     t_start = time.perf_counter()
@@ -95,82 +95,106 @@ def _parent(args) -> int:
     models = split_names(args.models)
     workers = args.workers if args.workers is not None else max(
         2, min(8, (os.cpu_count() or 2) // (2 * max(sizes))))
+    env = environment(torch.device("cuda", 0) if cuda else "cpu")
+    env["host_devices"] = ([torch.cuda.get_device_name(i) for i in range(n_dev)] if cuda
+                           else [env["device_name"]])
     tmp = Path(tempfile.mkdtemp(prefix="ddp_scaling-"))
     root, train_set = _train_data(args.train_set, tmp)
     print(f"data: {train_set} (root {root}); GPU counts {sizes}; models {models}; "
           f"{args.iters} steps, first {args.skip} untimed; workers/process {workers}", flush=True)
 
-    def left() -> float:
-        return args.budget_s - (time.perf_counter() - t_start)
+    rows: list[dict] = []
 
-    results: dict[tuple, dict] = {}
-    skipped: list[str] = []
-    for n in sizes:
-        jobs = sorted({(m, args.batch) for m in models} | {(m, n * args.per_gpu_batch)
-                                                           for m in models})
-        if left() <= 0:
-            skipped.append(f"training on {n} GPU(s)")
-            continue
-        plan = {"device": "cuda" if cuda else "cpu", "task": "denoise", "iters": args.iters,
-                "skip": args.skip, "crop": args.crop, "workers": workers,
-                "data_root": str(root) if root else None, "train_set": train_set,
-                "overrides": parse_overrides(args.overrides),
-                "jobs": [{"model": m, "global_batch": g, "out_dir": str(tmp / f"w{n}-{m}-b{g}"),
-                          "result": str(tmp / f"w{n}-{m}-b{g}.json")} for m, g in jobs]}
-        plan_path = tmp / f"plan-w{n}.json"
-        plan_path.write_text(json.dumps(plan))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(n), "-m", "bench.benchmarks.ddp_scaling",
-               "--worker", str(plan_path)]
-        t0 = time.perf_counter()
-        rc = _run(cmd, timeout=max(60.0, left() + 60))
-        print(f"[{n} GPU(s)] {len(jobs)} trainings in {time.perf_counter() - t0:.0f} s "
-              f"(exit {rc})", flush=True)
-        for job, (m, g) in zip(plan["jobs"], jobs):
-            p = Path(job["result"])
-            results[(m, n, g)] = (json.loads(p.read_text()) if p.exists() else
-                                  {"status": "error", "message": f"no result (torchrun exit {rc})"})
+    def emit(new: list[dict]) -> None:  # rows reach the file as soon as they exist
+        append_rows(args.out, new)
+        rows.extend(new)
 
-    sweeps = []
-    if args.sweep == "on" or (args.sweep == "auto" and cuda and n_dev >= 2):
-        specs = ["0", "0,1"] + (["all"] if n_dev > 2 else [])
-        if not cuda:
-            specs = ["1", "2"]  # --workers counts
-        for spec in specs:
-            if left() <= 0:
-                skipped.append(f"sweep --gpus {spec}")
+    def left(what: str) -> bool:
+        if time.perf_counter() - t_start < args.budget_s:
+            return True
+        emit([{"kind": "ddp_scaling", "benchmark": "skipped", "status": "skipped", "what": what,
+               "message": f"--budget-s {args.budget_s:.0f} s reached", **env}])
+        return False
+
+    def remaining() -> float:
+        return max(60.0, args.budget_s - (time.perf_counter() - t_start) + 60)
+
+    # a `timeout` around this script stops the children too, and keeps the rows written so far
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results: dict[tuple, dict] = {}
+        for n in sizes:
+            if not left(f"training on {n} GPU(s)"):
                 continue
-            sweeps.append(_sweep(spec, cuda, n_dev, args.sweep_args, tmp, left() + 60))
+            jobs = sorted({(m, args.batch) for m in models}
+                          | {(m, n * args.per_gpu_batch) for m in models})
+            plan = {"device": "cuda" if cuda else "cpu", "task": "denoise", "iters": args.iters,
+                    "skip": args.skip, "crop": args.crop, "workers": workers,
+                    "data_root": str(root) if root else None, "train_set": train_set,
+                    "overrides": parse_overrides(args.overrides),
+                    "jobs": [{"model": m, "global_batch": g,
+                              "out_dir": str(tmp / f"w{n}-{m}-b{g}"),
+                              "result": str(tmp / f"w{n}-{m}-b{g}.json")} for m, g in jobs]}
+            plan_path = tmp / f"plan-w{n}.json"
+            plan_path.write_text(json.dumps(plan))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", str(n), "-m", "bench.benchmarks.ddp_scaling",
+                   "--worker", str(plan_path)]
+            t0 = time.perf_counter()
+            rc = _run(cmd, remaining())
+            print(f"[{n} GPU(s)] {len(jobs)} trainings in {time.perf_counter() - t0:.0f} s "
+                  f"(exit {rc})", flush=True)
+            for job, (m, g) in zip(plan["jobs"], jobs):
+                p = Path(job["result"])
+                results[(m, n, g)] = (json.loads(p.read_text()) if p.exists() else
+                                      {"status": "error",
+                                       "message": f"no result (torchrun exit {rc})"})
+            emit(_training_rows(results, models, n, args, env))
 
-    from bench.environment import environment
+        if args.sweep == "on" or (args.sweep == "auto" and cuda and n_dev >= 2):
+            specs = (["0", "0,1"] + (["all"] if n_dev > 2 else [])) if cuda else ["1", "2"]
+            base = None
+            for spec in specs:
+                if not left(f"sweep --gpus {spec}"):
+                    continue
+                sweep = _sweep(spec, cuda, n_dev, args.sweep_args, tmp, remaining())
+                base = base or (sweep["wall_s"] if sweep["n_gpus"] == 1
+                                and sweep["exit_code"] == 0 else None)
+                emit([_sweep_row(sweep, base, env)])
+    except KeyboardInterrupt:
+        print("interrupted: the rows so far are written", flush=True)
+        return 1
+    finally:
+        _print_tables(rows)
+        print(f"devices: {', '.join(env['host_devices'])}; {len(rows)} rows -> {args.out}; "
+              f"total {time.perf_counter() - t_start:.0f} s", flush=True)
+    return 0
 
-    env = environment(torch.device("cuda", 0) if cuda else "cpu")
-    env["host_devices"] = ([torch.cuda.get_device_name(i) for i in range(n_dev)] if cuda
-                           else [env["device_name"]])
-    rows = _training_rows(results, models, sizes, args, env) + _sweep_rows(sweeps, env)
-    for what in skipped:
-        rows.append({"kind": "ddp_scaling", "benchmark": "skipped", "what": what,
-                     "message": f"--budget-s {args.budget_s:.0f} s reached", **env})
-    append_rows(args.out, rows)
 
-    table = [[r["model"], r["scaling"], r["world_size"], r["global_batch"], r["batch_per_gpu"],
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _print_tables(rows: list[dict]) -> None:
+    from tabulate import tabulate
+
+    train = [[r["model"], r["scaling"], r["world_size"], r["global_batch"], r["batch_per_gpu"],
               r.get("img_s"), r.get("scaling_efficiency"), r.get("data_wait_fraction"),
               r.get("loss_max_rel_diff_vs_1gpu"), r["status"]]
-             for r in rows if r.get("benchmark") == "ddp_train"]
-    print(tabulate(table, headers=["model", "scaling", "GPUs", "global batch", "per GPU", "img/s",
-                                   "efficiency", "data wait", "loss diff vs 1", "status"],
-                   floatfmt=".3g", missingval="-"))
+             for r in rows if r["benchmark"] == "ddp_train"]
+    if train:
+        print(tabulate(sorted(train, key=lambda t: (t[0], t[1], t[2])),
+                       headers=["model", "scaling", "GPUs", "global batch", "per GPU", "img/s",
+                                "efficiency", "data wait", "loss diff vs 1", "status"],
+                       floatfmt=".3g", missingval="-"))
+    sweeps = [[r["gpus"], r["n_gpus"], r["wall_s"], r["speedup_vs_1"], r["scaling_efficiency"],
+               f"{r['n_ok']}/{r['n_rows']}"] for r in rows if r["benchmark"] == "sharded_sweep"]
     if sweeps:
-        print(tabulate([[r["gpus"], r["n_gpus"], r["wall_s"], r["speedup_vs_1"],
-                         r["scaling_efficiency"], f"{r['n_ok']}/{r['n_rows']}"]
-                        for r in rows if r.get("benchmark") == "sharded_sweep"],
-                       headers=["--gpus", "GPUs", "wall s", "speedup", "efficiency", "ok rows"],
-                       floatfmt=".3g"))
-    for what in skipped:
-        print(f"skipped (time budget): {what}")
-    print(f"devices: {', '.join(env['host_devices'])}; {len(rows)} rows -> {args.out}; "
-          f"total {time.perf_counter() - t_start:.0f} s")
-    return 0
+        print(tabulate(sweeps, headers=["--gpus", "GPUs", "wall s", "speedup", "efficiency",
+                                        "ok rows"], floatfmt=".3g", missingval="-"))
+    for r in rows:
+        if r["benchmark"] == "skipped":
+            print(f"skipped (time budget): {r['what']}")
 
 
 def _run(cmd: list[str], timeout: float) -> int:
@@ -179,17 +203,18 @@ def _run(cmd: list[str], timeout: float) -> int:
     p = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+    except BaseException as e:  # timeout, or this script being stopped
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             try:
-                os.killpg(p.pid, sig)
+                os.killpg(p.pid, sig)  # the launcher, its ranks and their loader workers
             except ProcessLookupError:
                 break
             try:
-                p.wait(timeout=10)
-                break
+                p.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                continue
+                pass
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
         print(f"timeout after {timeout:.0f} s: {' '.join(cmd[:6])} ...", flush=True)
         return -9
 
@@ -248,44 +273,41 @@ def _sweep(spec: str, cuda: bool, n_dev: int, extra: str, tmp: Path, timeout: fl
             "command": " ".join(cmd[1:]).replace(str(out), "<tmp>.jsonl")}
 
 
-def _training_rows(results: dict, models: list[str], sizes: list[int], args, env) -> list[dict]:
+def _training_rows(results: dict, models: list[str], n: int, args, env) -> list[dict]:
+    """Rows of GPU count n, strong and weak, against the 1-GPU runs of the same scaling."""
     rows = []
     for m in models:
         for scaling in ("strong", "weak"):
-            batches = {n: args.batch if scaling == "strong" else n * args.per_gpu_batch
-                       for n in sizes}
-            base = results.get((m, 1, batches[1]), {})
-            for n, gb in batches.items():
-                r = results.get((m, n, gb), {"status": "error", "message": "not run"})
-                row = {"kind": "ddp_scaling", "benchmark": "ddp_train", "model": m,
-                       "scaling": scaling, "world_size": n, "global_batch": gb,
-                       "batch_per_gpu": gb // n, "task": "denoise", "crop": args.crop,
-                       "iters": args.iters, "timed_steps": args.iters - args.skip,
-                       "efficiency_formula": ("img_s(N) / (N * img_s(1)), same global batch"
-                                              if scaling == "strong" else
-                                              "img_s(N, N*b) / (N * img_s(1, b)), same batch b "
-                                              "per GPU"),
-                       **{k: v for k, v in r.items() if k != "losses"}}
-                if r.get("img_s") and base.get("img_s"):
-                    row["scaling_efficiency"] = r["img_s"] / (n * base["img_s"])
-                    row["speedup_vs_1gpu"] = r["img_s"] / base["img_s"]
-                if scaling == "strong" and n > 1 and r.get("losses") and base.get("losses"):
-                    row["loss_max_rel_diff_vs_1gpu"] = max(
-                        abs(a - b) / abs(b) for a, b in zip(r["losses"], base["losses"]))
-                rows.append({**row, **env})
+            def gb(k: int, scaling=scaling) -> int:
+                return args.batch if scaling == "strong" else k * args.per_gpu_batch
+
+            base = results.get((m, 1, gb(1)), {})
+            r = results[(m, n, gb(n))]
+            row = {"kind": "ddp_scaling", "benchmark": "ddp_train", "model": m,
+                   "scaling": scaling, "world_size": n, "global_batch": gb(n),
+                   "batch_per_gpu": gb(n) // n, "task": "denoise", "crop": args.crop,
+                   "iters": args.iters, "timed_steps": args.iters - args.skip,
+                   "efficiency_formula": ("img_s(N) / (N * img_s(1)), same global batch"
+                                          if scaling == "strong" else
+                                          "img_s(N, N*b) / (N * img_s(1, b)), same batch b "
+                                          "per GPU"),
+                   **{k: v for k, v in r.items() if k != "losses"}}
+            if r.get("img_s") and base.get("img_s"):
+                row["scaling_efficiency"] = r["img_s"] / (n * base["img_s"])
+                row["speedup_vs_1gpu"] = r["img_s"] / base["img_s"]
+            if scaling == "strong" and n > 1 and r.get("losses") and base.get("losses"):
+                row["loss_max_rel_diff_vs_1gpu"] = max(
+                    abs(a - b) / abs(b) for a, b in zip(r["losses"], base["losses"]))
+            rows.append({**row, **env})
     return rows
 
 
-def _sweep_rows(sweeps: list[dict], env) -> list[dict]:
-    base = next((s["wall_s"] for s in sweeps if s["n_gpus"] == 1 and s["exit_code"] == 0), None)
-    rows = []
-    for s in sweeps:
-        speedup = base / s["wall_s"] if base and s["exit_code"] == 0 else None
-        rows.append({"kind": "ddp_scaling", "benchmark": "sharded_sweep", **s,
-                     "status": "ok" if s["exit_code"] == 0 else "error",
-                     "speedup_vs_1": speedup,
-                     "scaling_efficiency": speedup / s["n_gpus"] if speedup else None, **env})
-    return rows
+def _sweep_row(sweep: dict, base_wall: float | None, env) -> dict:
+    ok = sweep["exit_code"] == 0
+    speedup = base_wall / sweep["wall_s"] if base_wall and ok else None
+    return {"kind": "ddp_scaling", "benchmark": "sharded_sweep", **sweep,
+            "status": "ok" if ok else "error", "speedup_vs_1": speedup,
+            "scaling_efficiency": speedup / sweep["n_gpus"] if speedup else None, **env}
 
 
 # ----------------------------------------------------------------------------- torchrun worker
