@@ -226,14 +226,16 @@ def chunked_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
                  chunk: Optional[int] = None, block: Optional[int] = None) -> Tensor:
     """The chunked PyTorch backend as a plain differentiable function (no custom op).
 
-    Long inputs run in time blocks of `block` steps (default: BLOCK_ELEMENTS / (b*d*n)), each
-    starting from the previous block's final state: work tensors stay a few MB instead of
+    On CPU, long inputs run in time blocks of `block` steps (default BLOCK_ELEMENTS / (b*d*n)),
+    each starting from the previous block's final state: work tensors stay a few MB instead of
     b*d*n*l elements (fresh 100 MB+ allocations cost more in page faults than the scan itself).
+    On CUDA one block (the caching allocator recycles memory; more blocks = more launches).
     """
     dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, l = u.shape
-    step = block or max(1, BLOCK_ELEMENTS // (b * d * A.shape[1]))
+    step = block or (max(1, BLOCK_ELEMENTS // (b * d * A.shape[1]))
+                     if u.device.type == "cpu" else l)
     ys, state = [], None
     for s in range(0, l, step):
         t = slice(s, s + step)
