@@ -144,7 +144,7 @@ def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, o
         # later (torchrun stops the remaining processes as soon as one has exited).
         code = 2 if isinstance(e, UsageError) else 1
         if local_rank:
-            time.sleep(1.0)
+            time.sleep(3.0)
             sys.exit(code)
         msg = f"rank {rank}: {e}" if rank else str(e)
         if code == 2:
