@@ -12,6 +12,7 @@ File order as in timm: helpers (scan paths, init), blocks, model, registered con
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,14 +30,31 @@ PATHS = ("raster", "serpentine")
 
 
 def _snake(x: torch.Tensor) -> torch.Tensor:
-    """Reverse every other row of (..., rows, cols): raster order <-> boustrophedon. Involution."""
+    """Reverse every other row of (..., rows, cols): raster order <-> boustrophedon."""
     out = x.clone()
     out[..., 1::2, :] = x[..., 1::2, :].flip(-1)
     return out
 
 
-def _rows(x: torch.Tensor, path: str) -> torch.Tensor:
-    return _snake(x) if path == "serpentine" else x
+@functools.lru_cache(maxsize=256)
+def scan_orders(h: int, w: int, path: str,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse), each (4, h*w): sequence step -> flat pixel index and back, for the
+    directions rows, columns, rows reversed, columns reversed. Built once per size: unrolling
+    and rolling back are then one gather each (a few kernels instead of ~20 per scale)."""
+    if path not in PATHS:
+        raise ValueError(f"scan path must be one of {PATHS}, got {path!r}")
+    grid = torch.arange(h * w).view(h, w)
+    walk = _snake if path == "serpentine" else (lambda g: g)
+    rows, cols = walk(grid).flatten(), walk(grid.t()).flatten()
+    order = torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
+    return order.to(device), order.argsort(dim=1).to(device)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(b, 4 or 1, c, l) by (4, l) -> (b, 4, c, l): out[:, k, :, i] = x[:, k, :, index[k, i]]."""
+    b, _, c, l = x.shape
+    return x.expand(b, 4, c, l).gather(-1, index[None, :, None, :].expand(b, 4, c, l))
 
 
 def unroll(x: torch.Tensor, path: str = "serpentine") -> torch.Tensor:
@@ -45,33 +63,20 @@ def unroll(x: torch.Tensor, path: str = "serpentine") -> torch.Tensor:
     "raster" restarts every row (column) at its first pixel; "serpentine" walks alternate rows
     (columns) backwards, so consecutive sequence elements are always 4-neighbours in the image.
     """
-    if path not in PATHS:
-        raise ValueError(f"scan path must be one of {PATHS}, got {path!r}")
-    rows = _rows(x, path).flatten(-2)
-    cols = _rows(x.transpose(-2, -1), path).flatten(-2)
-    fwd = torch.stack([rows, cols], dim=1)
-    return torch.cat([fwd, fwd.flip(-1)], dim=1)
-
-
-def _from_rows(s: torch.Tensor, h: int, w: int, path: str) -> torch.Tensor:
-    return _rows(s.unflatten(-1, (h, w)), path)
-
-
-def _from_cols(s: torch.Tensor, h: int, w: int, path: str) -> torch.Tensor:
-    return _rows(s.unflatten(-1, (w, h)), path).transpose(-2, -1)
+    h, w = x.shape[-2:]
+    order, _ = scan_orders(h, w, path, x.device)
+    return _gather(x.flatten(-2).unsqueeze(1), order)
 
 
 def roll_back(y: torch.Tensor, h: int, w: int, path: str = "serpentine") -> torch.Tensor:
     """Inverse of `unroll`: (b, 4, c, h*w) -> (b, 4, c, h, w), each direction on the grid."""
-    return torch.stack([_from_rows(y[:, 0], h, w, path), _from_cols(y[:, 1], h, w, path),
-                        _from_rows(y[:, 2].flip(-1), h, w, path),
-                        _from_cols(y[:, 3].flip(-1), h, w, path)], dim=1)
+    _, inverse = scan_orders(h, w, path, y.device)
+    return _gather(y, inverse).unflatten(-1, (h, w))
 
 
 def merge_directions(y: torch.Tensor, h: int, w: int, path: str = "serpentine") -> torch.Tensor:
-    """`roll_back(y).sum(1)`, summing each reversed direction with its forward one first."""
-    return (_from_rows(y[:, 0] + y[:, 2].flip(-1), h, w, path)
-            + _from_cols(y[:, 1] + y[:, 3].flip(-1), h, w, path))
+    """`roll_back(y).sum(1)`: (b, 4, c, h*w) -> (b, c, h, w)."""
+    return roll_back(y, h, w, path).sum(1)
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -115,7 +120,7 @@ class DirectionalSSM(nn.Module):
         dts = torch.einsum("bkrl,kcr->bkcl", dts, self.dt_projs_weight)
         y = selective_scan(
             xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(self.A_logs.float()),
-            Bs.contiguous(), Cs.contiguous(), self.Ds.float(), None,
+            Bs, Cs, self.Ds.float(), None,
             self.dt_projs_bias.flatten().float(), delta_softplus=True, backend=self.scan_backend)
         return merge_directions(y.unflatten(1, (4, -1)), h, w, self.path)
 
