@@ -301,4 +301,4 @@ def serpent_b(*, task: str = "deblur", scale: int = 1, **overrides) -> Serpent:
     return Serpent(**{**CONFIGS["serpent_b"], **overrides})
 
 
-register_model(name="serpent", **_REG, notes="default variant = serpent_s; " + NOTES)(serpent_s)
+register_model(name="serpent", alias_of="serpent_s", **_REG, notes="default variant = serpent_s; " + NOTES)(serpent_s)
