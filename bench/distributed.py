@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,8 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.M
 
     Buffers are synced once at construction, not every forward: the registered models hold only
     constant buffers (no batch-norm statistics), identical on every rank from the seeded init.
+    Gradients are views into the all-reduce buckets: no copy kernel per parameter each step
+    (these models' steps are bound by kernel launches at small per-GPU batches).
     """
     if not active(dist):
         return model
@@ -141,11 +144,16 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.M
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # Depthwise-conv weights (C, 1, k, k) get gradients whose stride on the size-1 axis differs
+    # from the parameter's; DDP then copies them into the bucket (correct, a little slower) and
+    # warns on every rank. Nothing for the user to do about it.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [device.index] if device.type == "cuda" else None
     no_sync = ({"forward_sync_buffers": False}  # newer torch; broadcast_buffers is deprecated
                if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else {"broadcast_buffers": False})
-    return DDP(model, device_ids=ids, output_device=ids[0] if ids else None, **no_sync)
+    return DDP(model, device_ids=ids, output_device=ids[0] if ids else None,
+               gradient_as_bucket_view=True, **no_sync)
 
 
 def gather(obj, dist: Dist) -> list:
