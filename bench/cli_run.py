@@ -11,7 +11,7 @@ from bench.errors import UsageError
 TASK_CHOICES = ("deblur", "sr", "denoise")
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 MEASURE_CHOICES = ("params", "flops", "latency", "memory")
-CPU_DEFAULT_RES = (64,)
+CPU_DEFAULT_RES = (32,)  # a CPU forward of MambaIR at 64 px takes ~25 s: keep `bench run` short
 CUDA_DEFAULT_RES = (256, 512, 1024)
 
 
@@ -101,8 +101,8 @@ def _resolve_gpus(spec: str | None) -> list[int] | None:
               type=click.Choice(["infer", "train", "both"]),
               help="Inference, one training step (fwd+bwd+AdamW), or both.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
-@click.option("--warmup", type=int, default=None, help="Warm-up calls (default 10 CUDA, 2 CPU).")
-@click.option("--iters", type=int, default=None, help="Timed calls at least (default 50 CUDA, 5 CPU).")
+@click.option("--warmup", type=int, default=None, help="Warm-up calls (default 10 CUDA, 1 CPU).")
+@click.option("--iters", type=int, default=None, help="Timed calls at least (default 50 CUDA, 3 CPU).")
 @click.option("--min-time", type=float, default=None,
               help="Keep timing until this many seconds have been timed (default 1.0 CUDA, 0 CPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
@@ -165,8 +165,8 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
     configs = [
         RunConfig(model=m, task=task, scale=scale, res=r, batch=b, dtype=dt, mode=md,
                   device=device if on_device else "cpu", measure=measures,
-                  warmup=warmup if warmup is not None else (10 if cuda else 2),
-                  iters=iters if iters is not None else (50 if cuda else 5),
+                  warmup=warmup if warmup is not None else (10 if cuda else 1),
+                  iters=iters if iters is not None else (50 if cuda else 3),
                   min_time=min_time if min_time is not None else (1.0 if cuda else 0.0),
                   compile=compile_, channels_last=channels_last,
                   overrides=_parse_overrides(overrides))
