@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import DropPath, trunc_normal_
 
+from baselines.swinir import Upsample  # identical in both official repositories
 from serpent.registry import register_model
 from serpent.scan import selective_scan
 
@@ -74,21 +75,6 @@ class CAB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cab(x)
-
-
-class Upsample(nn.Sequential):
-    """conv + PixelShuffle stages: log2(scale) x2 stages for 2^n, one x3 stage for 3."""
-
-    def __init__(self, scale: int, num_feat: int):
-        layers: list[nn.Module] = []
-        if scale & (scale - 1) == 0:
-            for _ in range(int(math.log2(scale))):
-                layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
-        elif scale == 3:
-            layers += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
-        else:
-            raise ValueError(f"scale {scale} is not supported; supported scales: 2^n and 3")
-        super().__init__(*layers)
 
 
 # --------------------------------------------------------------------------- SS2D

@@ -197,7 +197,6 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
     out["scan_backend"] = ",".join(sorted(scan.used_backends())) if scan is not None else None
     out["scan_backend"] = out["scan_backend"] or "none"
     out["amp"] = "autocast" if dtype != torch.float32 else "none"
-    del model, runner, x
     return out
 
 

@@ -1,9 +1,9 @@
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: on a shared 2-core machine, OpenMP's spinning threads made small ops up to
+# 50x slower whenever another process held a core; one thread keeps the suite's time stable.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

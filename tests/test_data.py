@@ -24,14 +24,6 @@ def shared_data() -> Path | None:
 needs_data = pytest.mark.skipif(shared_data() is None, reason="shared image data not found")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rgb(h=40, w=50, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 

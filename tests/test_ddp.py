@@ -22,15 +22,6 @@ TINY = ["--model", "nafnet_w32", "--set", "width=8", "--set", "enc_blk_nums=[1]"
         "--set", "dec_blk_nums=[1]", "--set", "middle_blk_num=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """torchrun gives each process one thread; the in-process reference run gets the same."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

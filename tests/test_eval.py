@@ -15,14 +15,6 @@ from bench.errors import UsageError
 from bench.tasks import make_task
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _y(rgb: np.ndarray) -> np.ndarray:
     """MATLAB rgb2ycbcr luma of an RGB array in [0, 1], in [0, 255] (BT.601)."""
     return 16 + rgb @ np.array([65.481, 128.553, 24.966])

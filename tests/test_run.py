@@ -1,5 +1,4 @@
 """`bench run`: rows, OOM as a result, --resume, usage errors."""
-import json
 import subprocess
 import sys
 

@@ -10,14 +10,6 @@ from bench.tasks import (blur, eval_pair, eval_seed, gaussian_kernel2d, imresize
                          mod_crop, parse_level)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_kernel_sums_to_one_and_matches_matlab_fspecial():
     from pyiqa.matlab_utils import fspecial  # independent port of MATLAB's fspecial
 

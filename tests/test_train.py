@@ -17,14 +17,6 @@ from bench.train import ModelSpec, TrainConfig, TrainingDiverged, lr_factor, tra
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Tiny(nn.Module):
     """Conv net with dropout, so resuming must restore the global torch RNG too."""
 
