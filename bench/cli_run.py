@@ -203,7 +203,6 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
 @click.argument("pattern", default="*")
 def models(task, scale, pattern):
     """List registered models (optionally matching a glob) with family and parameter count."""
-    import torch
     from tabulate import tabulate
 
     from bench import registry
@@ -216,8 +215,7 @@ def models(task, scale, pattern):
         info = registry.model_info(name)
         try:
             registry.check_task(info, task, scale)
-            with torch.device("meta"):
-                params = f"{count_params(registry.create_model(name, task=task, scale=scale)) / 1e6:.3f}"
+            params = f"{count_params(registry.create_meta_model(name, task=task, scale=scale)) / 1e6:.3f}"
         except UsageError as e:
             params = f"n/a ({e})"[:40]
         rows.append([name, info.family, ",".join(info.tasks), "yes" if info.upsampler else "no (bicubic input)",

@@ -82,12 +82,7 @@ def _build(cfg: RunConfig):
 
 
 def _meta_model(cfg: RunConfig):
-    """Build straight on the meta device (no init cost); fall back to CPU then move."""
-    try:
-        with torch.device("meta"):
-            return _build(cfg)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return _build(cfg).to("meta")
+    return registry.create_meta_model(cfg.model, task=cfg.task, scale=cfg.scale, **cfg.overrides)
 
 
 def count_config_flops(cfg: RunConfig) -> float:

@@ -65,6 +65,21 @@ def create_model(name: str, *, task: str = "deblur", scale: int | None = None, *
     return info.fn(task=task, scale=scale, **{**info.defaults, **overrides})
 
 
+def create_meta_model(name: str, *, task: str = "deblur", scale: int | None = None, **overrides):
+    """The model with meta parameters (shapes only, no memory, no init cost) for params/FLOPs.
+
+    Built directly on the meta device; constructors that need real values at init (e.g. a
+    `.tolist()` of drop-path rates) are built on the CPU and moved.
+    """
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return create_model(name, task=task, scale=scale, **overrides)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return create_model(name, task=task, scale=scale, **overrides).to("meta")
+
+
 def default_scale(task: str) -> int:
     return 8 if task == "sr" else 1  # DESIGN.md: x8 is the default SR task
 

@@ -153,3 +153,13 @@ def test_two_worker_sweep_gives_the_same_rows_as_one(tmp_path):
     rows1 = sorted(tuple(r[k] for k in keep) for r in read_rows(one))
     rows2 = sorted(tuple(r[k] for k in keep) for r in read_rows(two))
     assert len(rows1) == 4 and rows1 == rows2
+
+
+def test_models_lists_every_model_with_its_parameter_count():
+    from bench.registry import list_models
+
+    p = _bench("models")
+    assert p.returncode == 0, p.stderr
+    lines = {line.split()[0]: line for line in p.stdout.splitlines()[2:] if line.strip()}
+    assert set(lines) == set(list_models())
+    assert " 3.372 " in lines["serpent_s"] and " 67.889 " in lines["nafnet_w64"]
