@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU reference run (quality, then multi-GPU scaling), as the committed results were produced.
+# GPU reference run (quality), as the committed results were produced.
 # From the repo root on a 4-GPU machine, after ../shared/gpu/stage.sh --data Kodak24,Set14,CBSD68
 # plus .gpu/data/BSD100_train (the 32 BSD100 images that are not in CBSD68):
 #     OUT=/some/dir bash bench/benchmarks/gpu_quality.sh
@@ -26,8 +26,4 @@ q 0 deblur swinir & q 1 sr8 swinir & q 2 deblur,sr8 restormer & q 3 deblur,sr8 s
 wait
 echo "quality: $((SECONDS - t0)) s"
 for f in "$R"/quality_gpu*.log; do tail -n 14 "$f"; done
-if [[ -f bench/benchmarks/ddp_scaling.py ]]; then
-  timeout $(left 200) python -m bench.benchmarks.ddp_scaling --out "$R/ddp_scaling.jsonl" > "$R/ddp_scaling.log" 2>&1
-  tail -n 20 "$R/ddp_scaling.log"
-fi
 echo "done: $((SECONDS - t0)) s"
