@@ -10,25 +10,14 @@
 # SDPA kernels SwinIR gets.
 # RESUME_FROM: an earlier sweep on the same kind of card; its configs are not measured again
 # (error rows are retried). Every step has a time limit: the device tool stops a command at 600 s.
-set -u
+source bench/benchmarks/gpu_setup.sh
 MODELS="${MODELS:-serpent_t,serpent_s,serpent_b,nafnet_w32,nafnet_w64,restormer,swinir,mambair}"
-R="${OUT:-results/gpu}"
-mkdir -p "$R"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-t0=$SECONDS
-DEADLINE=${DEADLINE:-575}
-left() { local l=$(( DEADLINE - SECONDS + t0 )); (( l > $1 )) && echo "$1" || echo $(( l > 5 ? l : 5 )); }
-source .gpu/setup.sh > "$R/setup.log" 2>&1
-tail -n 3 "$R/setup.log"; echo "setup: $((SECONDS - t0)) s"
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$R/gpus.csv"
 ngpu=$(nvidia-smi -L | wc -l)
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+# an earlier sweep counts only on the same kind of card; elsewhere everything is measured here
 if [[ -n "${RESUME_FROM:-}" ]] && grep -q "\"device_name\": \"$card\"" "$RESUME_FROM"; then
-  cp "$RESUME_FROM" "$R/sweep_prev.jsonl"
-else
-  : > "$R/sweep_prev.jsonl"  # another card: measure everything here
+  cp "$RESUME_FROM" "$R/sweep.jsonl"
 fi
-cp "$R/sweep_prev.jsonl" "$R/sweep.jsonl"
 
 CUDA_VISIBLE_DEVICES=0 timeout $(left 100) python -m bench.benchmarks.timer_check --out "$R/checks.jsonl" > "$R/timer_check.log" 2>&1
 cat "$R/timer_check.log"; echo "timer check: $((SECONDS - t0)) s"

@@ -6,16 +6,7 @@
 # Same training budget for every model and task (bench.benchmarks.quality_short: iterations,
 # crop, batch, lr, data, seed); the four models' runs are spread over the GPUs and each process
 # evaluates its models on the same deterministic inputs (Kodak24, Set14, CBSD68).
-set -u
-R="${OUT:-results/gpu}"
-mkdir -p "$R"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export SERPENT_BENCH_DATA="${SERPENT_BENCH_DATA:-$PWD/.gpu/data}"
-t0=$SECONDS
-DEADLINE=${DEADLINE:-575}
-left() { local l=$(( DEADLINE - SECONDS + t0 )); (( l > $1 )) && echo "$1" || echo $(( l > 5 ? l : 5 )); }
-source .gpu/setup.sh > "$R/setup.log" 2>&1
-tail -n 3 "$R/setup.log"; echo "setup: $((SECONDS - t0)) s"
+source bench/benchmarks/gpu_setup.sh
 BUDGET=(--iters "${ITERS:-300}" --crop 128 --batch 8 --lr 2e-4 --workers 8 --seed 0
         --train-set BSD100_train --eval-set Kodak24,Set14,CBSD68)
 q() {  # q GPU TASKS MODELS
