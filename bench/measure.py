@@ -19,6 +19,7 @@ from bench.environment import environment
 from bench.errors import UsageError
 from bench.flops import count_flops, count_params
 from bench.timing import measure as time_fn
+from serpent import scan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("infer", "train")
@@ -92,14 +93,6 @@ def count_config_flops(cfg: RunConfig) -> float:
     return count_flops(_meta_model(cfg), (1, 3, spec.size, spec.size)).gflops
 
 
-def _scan_backends():
-    try:
-        from serpent import scan
-    except ImportError:  # pragma: no cover - serpent is part of the package
-        return None
-    return scan
-
-
 def measure_config(cfg: RunConfig) -> dict:
     """One row. Never raises for a model failure: OOM and errors become the row's status."""
     row = _base_row(cfg)
@@ -139,9 +132,7 @@ def measure_config(cfg: RunConfig) -> dict:
 def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...]) -> dict:
     torch.manual_seed(0)
     cuda = device.type == "cuda"
-    scan = _scan_backends()
-    if scan is not None:
-        scan.reset_used_backends()
+    scan.reset_used_backends()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = _build(cfg).to(device=device, memory_format=fmt)
     x = torch.rand(shape, device=device).contiguous(memory_format=fmt)
@@ -158,8 +149,7 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
                 return runner(x)
     else:
         model.train()
-        out_shape = _output_shape(cfg, shape)
-        target = torch.rand(out_shape, device=device).contiguous(memory_format=fmt)
+        target = torch.rand(shape[0], 3, cfg.res, cfg.res, device=device).contiguous(memory_format=fmt)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -189,11 +179,7 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
         out.update(mem_peak_alloc_mb=torch.cuda.max_memory_allocated(device) / 2**20,
                    mem_peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
                    mem_static_mb=static["mb"])
-    out["scan_backend"] = ",".join(sorted(scan.used_backends())) if scan is not None else None
-    out["scan_backend"] = out["scan_backend"] or "none"
+    out["scan_backend"] = ",".join(sorted(scan.used_backends())) or "none"
     out["amp"] = "autocast" if dtype != torch.float32 else "none"
     return out
 
-
-def _output_shape(cfg: RunConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (shape[0], 3, cfg.res, cfg.res)
