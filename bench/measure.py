@@ -18,7 +18,7 @@ from bench import registry
 from bench.environment import environment
 from bench.errors import UsageError
 from bench.flops import count_flops, count_params
-from bench.timing import measure as time_fn
+from bench.timing import measure_with_memory
 from serpent import scan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -131,7 +131,6 @@ def measure_config(cfg: RunConfig) -> dict:
 
 def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...]) -> dict:
     torch.manual_seed(0)
-    cuda = device.type == "cuda"
     scan.reset_used_backends()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = _build(cfg).to(device=device, memory_format=fmt)
@@ -162,23 +161,14 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
             scaler.update()
 
     out: dict = {}
-    static = {}
-
-    def after_warmup():
-        if cuda:
-            torch.cuda.synchronize(device)
-            static["mb"] = torch.cuda.memory_allocated(device) / 2**20
-            torch.cuda.reset_peak_memory_stats(device)
-
     timed = "latency" in cfg.measure
-    timing = time_fn(step, device=device, warmup=max(cfg.warmup, 1), after_warmup=after_warmup,
-                     iters=cfg.iters if timed else 1, min_time_s=cfg.min_time if timed else 0.0)
+    timing, memory = measure_with_memory(step, device=device, warmup=max(cfg.warmup, 1),
+                                         iters=cfg.iters if timed else 1,
+                                         min_time_s=cfg.min_time if timed else 0.0)
     if timed:
         out.update(timing.as_row(cfg.batch, cfg.res * cfg.res))
-    if cuda and "memory" in cfg.measure:
-        out.update(mem_peak_alloc_mb=torch.cuda.max_memory_allocated(device) / 2**20,
-                   mem_peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
-                   mem_static_mb=static["mb"])
+    if "memory" in cfg.measure:
+        out.update(memory)
     out["scan_backend"] = ",".join(sorted(scan.used_backends())) or "none"
     out["amp"] = "autocast" if dtype != torch.float32 else "none"
     return out

@@ -85,3 +85,25 @@ def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 10,
         samples += new
         total += sum(new) / 1e3
     return Timing(samples, warmup)
+
+
+def measure_with_memory(fn: Callable[[], object], *, device: torch.device, warmup: int = 10,
+                        iters: int = 50, min_time_s: float = 0.0) -> tuple[Timing, dict]:
+    """`measure`, plus CUDA peak memory over the timed calls (statistics reset after warm-up,
+    so cudnn autotuning workspaces stay out) and the static part allocated before them.
+    The memory dict is empty on a CPU."""
+    cuda = device.type == "cuda"
+    static = {}
+
+    def after_warmup():
+        if cuda:
+            static["mem_static_mb"] = torch.cuda.memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
+
+    timing = measure(fn, device=device, warmup=warmup, iters=iters, min_time_s=min_time_s,
+                     after_warmup=after_warmup)
+    if not cuda:
+        return timing, {}
+    return timing, {"mem_peak_alloc_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                    "mem_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+                    **static}

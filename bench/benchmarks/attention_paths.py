@@ -25,7 +25,7 @@ from baselines.attention import set_attn_impl
 from bench import registry
 from bench.environment import environment
 from bench.results import append_rows
-from bench.timing import measure
+from bench.timing import measure_with_memory
 
 # (model, task, scale): SwinIR x1 (color-DN network) and x4 SR (input R/4), Restormer x1
 WORKLOADS = [("swinir", "denoise", 1), ("swinir", "sr", 4), ("restormer", "deblur", 1)]
@@ -74,28 +74,18 @@ def run_one(model, x, dtype, train: bool, uncached: bool, iters: int, device) ->
         opt.step()
 
     model.train(train)
-    static = {}
-
-    def after_warmup():
-        if cuda:
-            torch.cuda.synchronize(device)
-            static["mb"] = torch.cuda.memory_allocated(device) / 2**20
-            torch.cuda.reset_peak_memory_stats(device)
-
     try:
-        timing = measure(step, device=device, warmup=5 if train else 10, iters=iters,
-                         after_warmup=after_warmup)
+        timing, memory = measure_with_memory(step, device=device, warmup=5 if train else 10,
+                                             iters=iters)
     except torch.OutOfMemoryError:
         del opt
         torch.cuda.empty_cache()
         return {"status": "oom"}
     row = {"status": "ok", **timing.as_row(x.shape[0], x.shape[-1] * x.shape[-2])}
     row.pop("latency_samples_ms")
-    row["mem_peak_alloc_mb"] = row["mem_peak_reserved_mb"] = row["mem_static_mb"] = None
+    row.update({"mem_peak_alloc_mb": None, "mem_peak_reserved_mb": None, "mem_static_mb": None,
+                **memory})
     if cuda:
-        row.update(mem_peak_alloc_mb=torch.cuda.max_memory_allocated(device) / 2**20,
-                   mem_peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
-                   mem_static_mb=static["mb"])
         del opt
         torch.cuda.empty_cache()
     return row
