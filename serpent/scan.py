@@ -241,7 +241,7 @@ def chunked_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
         t = slice(s, s + step)
         y, state = _chunked_block(u[..., t], delta[..., t], A, B[..., t], C[..., t], state, chunk)
         ys.append(y)
-    return _finish(torch.cat(ys, dim=-1), u, D, z, dtype)
+    return _finish(ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1), u, D, z, dtype)
 
 
 def _chunked_block(u, delta, A, B, C, state, chunk):
@@ -249,12 +249,17 @@ def _chunked_block(u, delta, A, B, C, state, chunk):
     b, d, l = u.shape
     g = B.shape[1]
     T = chunk or chunk_length(l)
-    pad = (0, -l % T)  # padded steps have delta = 0: decay 1, input 0, state kept, output cropped
-    # (T, nc, ...) copies of the small (b, d, l)-sized inputs make the big products contiguous
-    dt = rearrange(F.pad(delta, pad), "b d (c t) -> t c b d 1", t=T).contiguous()
-    dtu = rearrange(F.pad(delta * u, pad), "b (g e) (c t) -> t c b g e 1", g=g, t=T).contiguous()
-    Bt = rearrange(F.pad(B, pad), "b g n (c t) -> t c b g 1 n", t=T).contiguous()
-    Ct = rearrange(F.pad(C, pad), "b g n (c t) -> t c b g 1 n", t=T).contiguous()
+    pad = -l % T  # padded steps have delta = 0: decay 1, input 0, state kept, output cropped
+
+    def chunked(x, pattern, **axes):
+        """(T, nc, ...) copy of a small (b, d, l)-sized input: the big products come out
+        contiguous in the layout the scan steps through."""
+        return rearrange(F.pad(x, (0, pad)) if pad else x, pattern, t=T, **axes).contiguous()
+
+    dt = chunked(delta, "b d (c t) -> t c b d 1")
+    dtu = chunked(delta * u, "b (g e) (c t) -> t c b g e 1", g=g)
+    Bt = chunked(B, "b g n (c t) -> t c b g 1 n")
+    Ct = chunked(C, "b g n (c t) -> t c b g 1 n")
     tracked = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, state))
     # (T, nc, b, d, n): decays (<= 1 when A < 0) and inputs
