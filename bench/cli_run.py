@@ -125,13 +125,15 @@ def _resolve_gpus(spec: str | None) -> list[int] | None:
               help="CPU: measure this many configs at once, each in its own process (timings "
               "then share the CPU: use for params/FLOPs sweeps).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@click.option("--cuda-graph", is_flag=True, help="Capture each step into a CUDA graph and time "
+              "its replays: GPU time without host launch jitter (launch-bound models).")
 def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min_time, compile_,
-        channels_last, measure, overrides, out, resume, isolate, timeout, gpus, workers, progress):
+        channels_last, cuda_graph, measure, overrides, out, resume, isolate, timeout, gpus, workers, progress):
     """Sweep models x resolutions and record params, FLOPs, latency, throughput and memory."""
     from pathlib import Path
 
     from bench import registry
-    from bench.measure import RunConfig
+    from bench.measure import RunConfig, check_cuda_graph
     from bench.sweep import done_keys, run_sweep
     from bench.tables import efficiency_table
 
@@ -168,10 +170,15 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
                   warmup=warmup if warmup is not None else (10 if cuda else 1),
                   iters=iters if iters is not None else (50 if cuda else 3),
                   min_time=min_time if min_time is not None else (1.0 if cuda else 0.0),
-                  compile=compile_, channels_last=channels_last,
+                  compile=compile_, channels_last=channels_last, cuda_graph=cuda_graph,
                   overrides=_parse_overrides(overrides))
         for m in names for r in resolutions for b in batches for md in modes for dt in dtypes
     ]
+    if cuda_graph and not on_device:
+        raise UsageError("--cuda-graph changes how latency and memory are measured; "
+                         "add latency or memory to --measure")
+    for cfg in configs:
+        check_cuda_graph(cfg)
     out = Path(out) if out else Path("runs") / f"bench-{_dt.datetime.utcnow():%Y%m%d-%H%M%S}.jsonl"
     if resume:
         done = done_keys(out)

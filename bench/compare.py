@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.errors import UsageError
-from bench.results import CONFIG_KEYS, _clean, read_rows
+from bench.results import _clean, config_dict, config_key, read_rows
 
 # Device label of rows that measured only params/flops: their numbers do not depend on the device.
 DEVICE_INDEPENDENT = "params/flops only (device-independent)"
 _DEVICE_FREE_MEASURES = {"params", "flops"}
 ENV_FIELDS = ("device_name", "torch", "cuda")
-VARIANT_KEYS = ("compile", "channels_last", "overrides")
 
 DEFAULT_RULES: dict = {
     "bootstrap": {"confidence": 0.95, "resamples": 2000, "seed": 0, "min_samples": 5},
@@ -137,25 +136,6 @@ def _num(value, default=None):
 
 
 # ----------------------------------------------------------------------------- keys
-
-def _frozen(value) -> str:
-    return json.dumps(value or {}, sort_keys=True)
-
-
-def config_key(row: dict) -> tuple:
-    """The public config keys plus what changes the numbers (compile, channels_last, overrides).
-
-    Same identity as `bench run --resume` uses: absent variant fields mean their defaults.
-    """
-    return (*(row.get(k) for k in CONFIG_KEYS), bool(row.get("compile", False)),
-            bool(row.get("channels_last", False)), _frozen(row.get("overrides")))
-
-
-def config_dict(key: tuple) -> dict:
-    out = dict(zip(CONFIG_KEYS, key))
-    out.update(compile=key[-3], channels_last=key[-2], overrides=json.loads(key[-1]))
-    return out
-
 
 def is_device_independent(row: dict) -> bool:
     measured = row.get("measured")

@@ -6,6 +6,7 @@ Both come from the same rows so the CI log and the PR comment never disagree. AS
 from __future__ import annotations
 
 from bench.compare import Comparison, ConfigResult, MetricResult, config_dict, env_label
+from bench.results import VARIANT_FLAGS
 
 SHORT_NAMES = {
     "params": "params", "gflops": "GFLOPs", "gmacs": "GMACs", "gflops_torch": "GFLOPs (torch)",
@@ -39,8 +40,7 @@ def _pct(x: float, digits: int = 1) -> str:
 
 
 def _variant(cfg: dict) -> str:
-    parts = (["compile"] if cfg["compile"] else []) + (["channels_last"] if cfg["channels_last"]
-                                                        else [])
+    parts = [flag for flag in VARIANT_FLAGS if cfg[flag]]
     parts += [f"{k}={v}" for k, v in sorted(cfg["overrides"].items())]
     return ",".join(parts)
 

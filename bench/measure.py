@@ -18,6 +18,7 @@ from bench import registry
 from bench.environment import environment
 from bench.errors import UsageError
 from bench.flops import count_flops, count_params
+from bench.results import config_key
 from bench.timing import measure_with_memory
 from serpent import scan
 
@@ -42,6 +43,7 @@ class RunConfig:
     min_time: float = 0.0
     compile: bool = False
     channels_last: bool = False
+    cuda_graph: bool = False
     overrides: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -55,19 +57,7 @@ class RunConfig:
 
     def key(self) -> tuple:
         """Identity for --resume: the public config keys plus what changes the numbers."""
-        return (self.model, self.task, self.scale, self.res, self.batch, self.dtype, self.mode,
-                self.compile, self.channels_last, _frozen(self.overrides))
-
-
-def _frozen(overrides: dict) -> str:
-    import json
-    return json.dumps(overrides or {}, sort_keys=True)
-
-
-def row_key(row: dict) -> tuple:
-    return (row.get("model"), row.get("task"), row.get("scale"), row.get("res"), row.get("batch"),
-            row.get("dtype"), row.get("mode"), bool(row.get("compile", False)),
-            bool(row.get("channels_last", False)), _frozen(row.get("overrides") or {}))
+        return config_key(self.to_json())
 
 
 def _base_row(cfg: RunConfig) -> dict:
@@ -75,6 +65,7 @@ def _base_row(cfg: RunConfig) -> dict:
     return {"kind": "efficiency", "model": cfg.model, "family": info.family, "task": cfg.task,
             "scale": cfg.scale, "res": cfg.res, "batch": cfg.batch, "dtype": cfg.dtype,
             "mode": cfg.mode, "compile": cfg.compile, "channels_last": cfg.channels_last,
+            "cuda_graph": cfg.cuda_graph,
             "overrides": dict(cfg.overrides), "measured": list(cfg.measure)}
 
 
@@ -140,8 +131,10 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
            else contextlib.nullcontext())
     runner = torch.compile(model) if cfg.compile else model
 
+    check_cuda_graph(cfg)
     if cfg.mode == "infer":
         model.eval()
+        prepare = None  # what runs before each step, outside a captured graph
 
         def step():
             with torch.inference_mode(), amp:
@@ -149,20 +142,34 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
     else:
         model.train()
         target = torch.rand(shape[0], 3, cfg.res, cfg.res, device=device).contiguous(memory_format=fmt)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # capturable: the optimizer keeps its step count on the GPU, as a CUDA graph requires
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=cfg.cuda_graph)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-        def step():
+        def prepare():
             opt.zero_grad(set_to_none=True)
+
+        def step():
             with amp:
                 loss = (runner(x) - target).abs().mean()
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
 
+    warmup = max(cfg.warmup, 1)
+    if cfg.cuda_graph:  # eager warm-up, capture, then one replay before timing
+        fn = _cuda_graph(step, prepare, device, warmup)
+    elif prepare is None:
+        fn = step
+    else:
+        def fn():
+            prepare()
+            step()
+
     out: dict = {}
     timed = "latency" in cfg.measure
-    timing, memory = measure_with_memory(step, device=device, warmup=max(cfg.warmup, 1),
+    timing, memory = measure_with_memory(fn, device=device,
+                                         warmup=1 if cfg.cuda_graph else warmup,
                                          iters=cfg.iters if timed else 1,
                                          min_time_s=cfg.min_time if timed else 0.0)
     if timed:
@@ -170,6 +177,48 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
     if "memory" in cfg.measure:
         out.update(memory)
     out["scan_backend"] = ",".join(sorted(scan.used_backends())) or "none"
+    out["warmup"] = warmup
     out["amp"] = "autocast" if dtype != torch.float32 else "none"
     return out
 
+
+
+def check_cuda_graph(cfg: RunConfig) -> None:
+    """What `--cuda-graph` cannot measure, as a usage error instead of a wrong number."""
+    if not cfg.cuda_graph:
+        return
+    if torch.device(cfg.device).type != "cuda":
+        raise UsageError("--cuda-graph needs a CUDA device (--device cuda)")
+    if cfg.compile:
+        raise UsageError("--cuda-graph and --compile exclude each other (torch.compile's "
+                         "mode='reduce-overhead' already uses CUDA graphs); pick one")
+    if cfg.mode == "train" and cfg.dtype == "fp16":
+        raise UsageError("--cuda-graph cannot capture an fp16 training step (GradScaler "
+                         "synchronises with the host); use --dtype bf16 or fp32")
+
+
+def _cuda_graph(step, prepare, device: torch.device, warmup: int):
+    """`step` captured once into a CUDA graph; returns its replay.
+
+    Why: a model of many small kernels (Serpent's scans over scales and directions) is bound by
+    the host's kernel launches, so its eager latency follows host jitter (5-15% between runs
+    measured on an H200); a replay launches the whole step at once and times the GPU work.
+    Eager warm-up runs on a side stream first (cudnn autotuning, lazy caches such as SwinIR's
+    masks), as capture requires. The graph holds its activations in a private memory pool, so
+    peak memory equals the static part. Training: gradients are set to None before capture and
+    the backward writes them afresh on each replay, as in PyTorch's whole-network example.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            if prepare is not None:
+                prepare()
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if prepare is not None:
+        prepare()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay

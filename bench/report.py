@@ -118,12 +118,15 @@ def setting_text(s: dict) -> str:
         parts.append("torch.compile")
     if s.get("channels_last"):
         parts.append("channels_last")
+    if s.get("cuda_graph"):
+        parts.append("CUDA graph")
     return ", ".join(parts)
 
 
 def setting_slug(s: dict) -> str:
     return slug(_task_slug(s["task"], s["scale"]), s["dtype"], s["mode"], f"b{int(s['batch'])}",
-                "compile" if s.get("compile") else "", "cl" if s.get("channels_last") else "")
+                "compile" if s.get("compile") else "", "cl" if s.get("channels_last") else "",
+                "graph" if s.get("cuda_graph") else "")
 
 
 def flops_rows(eff, task, scale):

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.results import EFFICIENCY_COLUMNS
+from bench.results import EFFICIENCY_COLUMNS, VARIANT_FLAGS
 
 # Run-wide settings: rows that differ in any of these never share a table.
-SETTING_KEYS = ["task", "scale", "batch", "dtype", "mode", "compile", "channels_last"]
+SETTING_KEYS = ["task", "scale", "batch", "dtype", "mode", *VARIANT_FLAGS]
 QUALITY_KEYS = ["task", "scale", "degradation"]
 QUALITY_METRICS = ["psnr", "ssim", "psnr_y", "ssim_y", "lpips"]
-_EXTRA_COLUMNS = ["device_mem_mb", "overrides", "compile", "channels_last"]
+_EXTRA_COLUMNS = ["device_mem_mb", "overrides", *VARIANT_FLAGS]
 
 
 @dataclass
@@ -193,8 +193,8 @@ def efficiency_rows(df):
     eff = _fill(eff, "status", "ok")
     eff = _fill(eff, "device_name", "unknown device")
     eff = _fill(eff, "time", "")
-    eff["compile"] = eff["compile"].map(_bool)
-    eff["channels_last"] = eff["channels_last"].map(_bool)
+    for flag in VARIANT_FLAGS:
+        eff[flag] = eff[flag].map(_bool)
     for c in ("scale", "batch", "res"):
         eff[c] = pd.to_numeric(eff[c]).astype(int)
     eff["label"] = [label_of(m, o) for m, o in zip(eff["model"], eff["overrides"])]

@@ -24,6 +24,8 @@ EFFICIENCY_COLUMNS = [
 ]
 # A configuration is identified by these; `--resume` and `compare` join on them.
 CONFIG_KEYS = ["model", "task", "scale", "res", "batch", "dtype", "mode"]
+# Run variants that change the numbers (booleans, False when absent), plus `overrides`.
+VARIANT_FLAGS = ("compile", "channels_last", "cuda_graph")
 STATUSES = ("ok", "oom", "error", "skipped")
 
 
@@ -116,4 +118,14 @@ def load_results(paths, kind: str | None = None):
 
 
 def config_key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in CONFIG_KEYS)
+    """Identity of a measured configuration, shared by `bench run --resume` and `bench compare`:
+    the public config keys, the variant flags and the overrides (absent variants = defaults)."""
+    return (*(row.get(k) for k in CONFIG_KEYS), *(bool(row.get(f, False)) for f in VARIANT_FLAGS),
+            json.dumps(row.get("overrides") or {}, sort_keys=True))
+
+
+def config_dict(key: tuple) -> dict:
+    """`config_key` back into named fields."""
+    n = len(CONFIG_KEYS)
+    return {**dict(zip(CONFIG_KEYS, key)), **dict(zip(VARIANT_FLAGS, key[n:-1])),
+            "overrides": json.loads(key[-1])}

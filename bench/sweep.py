@@ -18,15 +18,15 @@ import subprocess
 import sys
 from typing import Iterable
 
-from bench.measure import RunConfig, measure_config, row_key
-from bench.results import append_rows, read_rows
+from bench.measure import RunConfig, measure_config
+from bench.results import append_rows, config_key, read_rows
 
 ROW_MARKER = "BENCH_ROW "
 
 
 def done_keys(path) -> set[tuple]:
     """Configs already measured in `path` (errors are retried, other statuses count as done)."""
-    return {row_key(r) for r in read_rows(path) if r.get("status") != "error"}
+    return {config_key(r) for r in read_rows(path) if r.get("status") != "error"}
 
 
 def run_isolated(cfg: RunConfig, timeout_s: float, gpu: int | None = None) -> dict:

@@ -215,7 +215,7 @@ def test_missing_config_fails_new_config_is_reported(tmp_path):
     assert run_compare(tmp_path, BASE, BASE + [row("c", 256)]).passed
 
 
-def test_overrides_and_compile_are_part_of_the_config(tmp_path):
+def test_overrides_compile_and_cuda_graph_are_part_of_the_config(tmp_path):
     base = [row("a", 256, overrides={"attn_impl": "sdpa", "depth": 2})]
     same = [row("a", 256, overrides={"depth": 2, "attn_impl": "sdpa"})]  # key order irrelevant
     assert run_compare(tmp_path, base, same).passed
@@ -224,6 +224,9 @@ def test_overrides_and_compile_are_part_of_the_config(tmp_path):
     compiled = run_compare(tmp_path, base, base + [row("a", 256, compile=True,
                                                        overrides={"attn_impl": "sdpa", "depth": 2})])
     assert sorted(c.status for c in compiled.configs) == ["new", "ok"]
+    graphed = run_compare(tmp_path, base, [row("a", 256, cuda_graph=True,
+                                               overrides={"attn_impl": "sdpa", "depth": 2})])
+    assert sorted(c.status for c in graphed.configs) == ["missing", "new"]
 
 
 def test_mismatched_environment_keys_are_reported_not_compared(tmp_path):

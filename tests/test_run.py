@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench.measure import RunConfig, measure_config
-from bench.results import read_rows
+from bench.errors import UsageError
+from bench.measure import RunConfig, check_cuda_graph, measure_config
+from bench.results import config_key, read_rows
 from bench.sweep import run_sweep
 from serpent import registry as model_registry
 
@@ -102,6 +103,7 @@ def test_resume_skips_done_configs(tmp_path):
     (["run", "--models", "serpent_t", "--task", "inpaint"], "unknown task"),
     (["run", "--models", "serpent_t", "--device", "cuda"], "CUDA is not available"),
     (["run", "--models", "serpent_t", "--set", "1x=2"], "--set expects key=value"),
+    (["run", "--models", "serpent_t", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, needle):
     if "cuda" in args and torch.cuda.is_available():
@@ -163,3 +165,32 @@ def test_models_lists_every_model_with_its_parameter_count():
     lines = {line.split()[0]: line for line in p.stdout.splitlines()[2:] if line.strip()}
     assert set(lines) == set(list_models())
     assert " 3.372 " in lines["serpent_s"] and " 67.889 " in lines["nafnet_w64"]
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(device="cpu"), "needs a CUDA device"),
+    (dict(device="cuda", compile=True), "exclude each other"),
+    (dict(device="cuda", mode="train", dtype="fp16"), "GradScaler"),
+])
+def test_cuda_graph_refuses_what_it_cannot_measure(kw, needle):
+    with pytest.raises(UsageError, match=needle):
+        check_cuda_graph(_cfg("_tiny", 16, cuda_graph=True, **kw))
+    check_cuda_graph(_cfg("_tiny", 16, **kw))  # the same config without graphs is fine
+
+
+def test_cuda_graph_is_part_of_the_config_identity():
+    assert _cfg("m", 16, cuda_graph=True).key() != _cfg("m", 16).key()
+    assert config_key(_cfg("m", 16).to_json()) == config_key(
+        {"model": "m", "task": "deblur", "scale": 1, "res": 16, "batch": 1, "dtype": "fp32",
+         "mode": "infer"})  # rows written before the flag existed mean "no graph"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_cuda_graph_rows_on_gpu(tiny_models, mode):
+    eager = measure_config(_cfg("_tiny", 64, device="cuda", mode=mode))
+    graph = measure_config(_cfg("_tiny", 64, device="cuda", mode=mode, cuda_graph=True))
+    assert eager["status"] == graph["status"] == "ok", graph["message"]
+    assert graph["cuda_graph"] and graph["iters"] == 3 and graph["latency_ms_median"] > 0
+    # the graph's private pool holds the activations: nothing new is allocated while replaying
+    assert graph["mem_peak_alloc_mb"] == pytest.approx(graph["mem_static_mb"])
