@@ -158,7 +158,7 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
 
     warmup = max(cfg.warmup, 1)
     if cfg.cuda_graph:  # eager warm-up, capture, then one replay before timing
-        fn = _cuda_graph(step, prepare, device, warmup)
+        fn = capture_cuda_graph(step, prepare, device, warmup)
     elif prepare is None:
         fn = step
     else:
@@ -197,7 +197,7 @@ def check_cuda_graph(cfg: RunConfig) -> None:
                          "synchronises with the host); use --dtype bf16 or fp32")
 
 
-def _cuda_graph(step, prepare, device: torch.device, warmup: int):
+def capture_cuda_graph(step, prepare, device: torch.device, warmup: int):
     """`step` captured once into a CUDA graph; returns its replay.
 
     Why: a model of many small kernels (Serpent's scans over scales and directions) is bound by

@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slow-layer", default="encoders.3",
                     help=f"attribute path of the {SLOWED} layer applied twice (encoders.3: the "
                     "28-block stage, about 70% of its FLOPs)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time CUDA graph replays (bench run --cuda-graph): no host launch jitter")
     ap.add_argument("--sweep", choices=["A", "B", "C"], help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
         p.unlink(missing_ok=True)
         subprocess.run([sys.executable, "-m", "bench.benchmarks.regression_demo", "--out-dir",
                         str(out_dir), "--res", str(args.res), "--slow-layer", args.slow_layer,
-                        "--sweep", tag], check=True)
+                        "--sweep", tag, *(["--cuda-graph"] if args.cuda_graph else [])], check=True)
     same = _compare(paths["A"], paths["B"], out_dir, "A_vs_B")
     slowed = _compare(paths["A"], paths["C"], out_dir, "A_vs_C_slowed")
     verdict = json.loads((out_dir / "compare_A_vs_C_slowed.json").read_text())
@@ -94,7 +96,8 @@ def _one_sweep(args, path: Path) -> int:
     """One sweep in this (fresh) process; sweep C builds the slowed model."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     configs = [RunConfig(model=m, res=args.res, dtype="bf16" if device == "cuda" else "fp32",
-                         device=device, warmup=10, iters=50, min_time=1.0 if device == "cuda" else 0)
+                         device=device, warmup=10, iters=50, min_time=1.0 if device == "cuda" else 0,
+                         cuda_graph=args.cuda_graph)
                for m in MODELS]
     if args.sweep == "C":
         info = registry.model_info(SLOWED)
