@@ -163,3 +163,16 @@ def test_models_lists_every_model_with_its_parameter_count():
     lines = {line.split()[0]: line for line in p.stdout.splitlines()[2:] if line.strip()}
     assert set(lines) == set(list_models())
     assert " 3.372 " in lines["serpent_s"] and " 67.889 " in lines["nafnet_w64"]
+
+
+def test_models_imports_neither_timm_nor_torchvision_nor_dynamo():
+    """Together ~2 s, more than the rest of `bench models` (serpent.layers says why)."""
+    code = ("import sys, torch\n"
+            "already = set(sys.modules)\n"
+            "from bench.cli import main\n"
+            "try:\n    main(['models'])\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('timm', 'torchvision', 'torch._dynamo')\n"
+            "       if m in sys.modules and m not in already])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "[]"
