@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, trunc_normal_
 
 from baselines.swinir import Upsample  # identical in both official repositories
+from serpent.layers import DropPath, trunc_normal_
 from serpent.registry import register_model
 from serpent.scan import selective_scan
 
@@ -114,7 +114,12 @@ class SS2D(nn.Module):
 
     @torch.no_grad()
     def _init_ssm(self, dt_min: float, dt_max: float, dt_scale: float, dt_init_floor: float) -> None:
-        """Official init: nn.Linear default for x_proj, Mamba's dt init, S4D-real A, D = 1."""
+        """Official init: nn.Linear default for x_proj, Mamba's dt init, S4D-real A, D = 1.
+
+        Skipped on meta tensors, which have no values (serpent.layers: why that matters).
+        """
+        if self.Ds.is_meta:
+            return
         bound = self.d_inner ** -0.5  # kaiming_uniform(a=sqrt(5)) of a Linear with fan_in d_inner
         self.x_proj_weight.uniform_(-bound, bound)
         std = self.dt_rank ** -0.5 * dt_scale

@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 
 from baselines.attention import check_attn_impl
+from serpent.layers import DropPath, to_2tuple, trunc_normal_
 from serpent.registry import register_model
 
 REFERENCE = "Liang et al., ICCVW 2021, github.com/JingyunLiang/SwinIR"
@@ -87,6 +87,18 @@ def relative_position_index(window_size: tuple[int, int], device=None) -> torch.
     dy = ys[:, None] - ys[None, :] + wh - 1
     dx = xs[:, None] - xs[None, :] + ww - 1
     return dy * (2 * ww - 1) + dx
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_constant(fn, *args) -> torch.Tensor:
+    return fn(*args, device="cpu")
+
+
+def _constant_buffer(fn, *args) -> torch.Tensor:
+    """`fn(*args)` for a buffer: computed once on the CPU (every block has the same one) and
+    copied to the default device; a free copy under `with torch.device("meta")`, where computing
+    it would run slow Python meta kernels (see serpent.layers)."""
+    return _cpu_constant(fn, *args).to(torch.get_default_device(), copy=True)
 
 
 def _persistent():
@@ -167,6 +179,21 @@ def clear_window_cache() -> None:
 # --------------------------------------------------------------------------- blocks
 
 
+class Mlp(nn.Module):
+    """The official SwinIR MLP: fc1 -> act -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None,
+                 out_features: int | None = None, act_layer=nn.GELU, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features or in_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features or in_features, out_features or in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
 class WindowAttention(nn.Module):
     """(Shifted-)window multi-head self-attention with relative position bias (W-MSA / SW-MSA)."""
 
@@ -181,7 +208,8 @@ class WindowAttention(nn.Module):
         wh, ww = window_size
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.register_buffer("relative_position_index",
+                             _constant_buffer(relative_position_index, window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -268,7 +296,8 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
                        drop=drop)
         # kept for checkpoint compatibility only (see module docstring)
-        attn_mask = (shift_window_mask(*input_resolution, self.window_size, self.shift_size)
+        attn_mask = (_constant_buffer(shift_window_mask, *input_resolution, self.window_size,
+                                      self.shift_size)
                      if self.shift_size > 0 else None)
         self.register_buffer("attn_mask", attn_mask)
 

@@ -230,7 +230,3 @@ def count_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> FlopCou
         unsupported_ops=dict(sorted(recorder.unsupported.items())),
         fvcore_only_gmacs=sum(recorder.macs[c] for c in _FVCORE_ONLY) / 1e9,
     )
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -17,7 +17,7 @@ import torch
 from bench import registry
 from bench.environment import environment
 from bench.errors import UsageError
-from bench.flops import count_flops, count_params
+from bench.flops import count_flops
 from bench.results import config_key
 from bench.timing import measure_with_memory
 from serpent import scan
@@ -101,7 +101,7 @@ def measure_config(cfg: RunConfig) -> dict:
     try:
         if "params" in cfg.measure or "flops" in cfg.measure:
             model = _meta_model(cfg)
-            row["params"] = count_params(model)
+            row["params"] = registry.count_params(model)
             if "flops" in cfg.measure:
                 row.update(count_flops(model, shape).as_row())
             del model

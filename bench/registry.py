@@ -68,8 +68,9 @@ def create_model(name: str, *, task: str = "deblur", scale: int | None = None, *
 def create_meta_model(name: str, *, task: str = "deblur", scale: int | None = None, **overrides):
     """The model with meta parameters (shapes only, no memory, no init cost) for params/FLOPs.
 
-    Built directly on the meta device; constructors that need real values at init (e.g. a
-    `.tolist()` of drop-path rates) are built on the CPU and moved.
+    Built directly on the meta device; a constructor that cannot run there (one that needs real
+    values at init) is built on the CPU and moved, which is slow: the registered models all
+    build on meta (tests check), skipping value initialisation there (see serpent.layers).
     """
     import torch
 
@@ -78,6 +79,11 @@ def create_meta_model(name: str, *, task: str = "deblur", scale: int | None = No
             return create_model(name, task=task, scale=scale, **overrides)
     except (RuntimeError, NotImplementedError, TypeError):
         return create_model(name, task=task, scale=scale, **overrides).to("meta")
+
+
+def count_params(model) -> int:
+    """Number of parameter elements (works on meta models)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def default_scale(task: str) -> int:

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, trunc_normal_
 
+from serpent.layers import DropPath, trunc_normal_
 from serpent.registry import register_model
 from serpent.scan import selective_scan
 
@@ -100,16 +100,29 @@ class DirectionalSSM(nn.Module):
         k = 4
         self.d_state, self.dt_rank = d_state, dt_rank
         self.scan_backend, self.path = scan_backend, path
+        self.x_proj_weight = nn.Parameter(torch.empty(k, dt_rank + 2 * d_state, dim))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, dim, dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, dim))
+        self.A_logs = nn.Parameter(torch.empty(k * dim, d_state))
+        self.Ds = nn.Parameter(torch.empty(k * dim))
+        self._init_ssm(dt_min, dt_max)
+
+    @torch.no_grad()
+    def _init_ssm(self, dt_min: float, dt_max: float) -> None:
+        """Mamba's initialisation (class docstring); skipped on meta tensors, which have no
+        values (serpent.layers: why that matters)."""
+        if self.Ds.is_meta:
+            return
+        k, dim, dt_rank = self.dt_projs_weight.shape
         bound = dim ** -0.5  # nn.Linear's default init range for fan-in `dim`
-        x_proj = torch.empty(k, dt_rank + 2 * d_state, dim).uniform_(-bound, bound)
-        self.x_proj_weight = nn.Parameter(x_proj)
+        self.x_proj_weight.uniform_(-bound, bound)
         std = dt_rank ** -0.5
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, dim, dt_rank).uniform_(-std, std))
+        self.dt_projs_weight.uniform_(-std, std)
         log_dt = torch.rand(k, dim) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         dt = torch.exp(log_dt).clamp(min=1e-4)
-        self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
-        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(k * dim, 1))
-        self.Ds = nn.Parameter(torch.ones(k * dim))
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
+        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1.0)).repeat(k * dim, 1))
+        self.Ds.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, c, h, w) -> (b, c, h, w): scan four directions in one call, roll back, sum."""
@@ -221,7 +234,9 @@ class Serpent(nn.Module):
         dims = [embed_dim * 2 ** i for i in range(levels)]
         block = dict(mlp_ratio=mlp_ratio, expand=expand, d_state=d_state, num_scales=num_scales,
                      scan_path=scan_path, scan_backend=scan_backend)
-        rates = iter(torch.linspace(0, drop_path_rate, sum(depths) + sum(dec_depths)).tolist())
+        # on the CPU: Python floats, also when built under `with torch.device("meta")`
+        rates = iter(torch.linspace(0, drop_path_rate, sum(depths) + sum(dec_depths),
+                                    device="cpu").tolist())
 
         def stage(dim, depth):
             return Stage(dim=dim, drop_path=[next(rates) for _ in range(depth)], **block)

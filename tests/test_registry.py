@@ -1,7 +1,8 @@
 import pytest
+import torch
 
 from bench.errors import UsageError
-from bench.registry import resolve_models
+from bench.registry import create_model, list_models, resolve_models
 from bench.results import append_rows, read_rows
 
 
@@ -21,3 +22,13 @@ def test_truncated_results_file_still_loads(tmp_path):
     append_rows(p, [{"model": "d"}])  # next writer starts on a fresh line
     with pytest.warns(UserWarning):
         assert [r["model"] for r in read_rows(p)] == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize("task", ["deblur", "sr"])
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_builds_on_the_meta_device(name, task):
+    """What `bench models` and the params/FLOPs sweep build (create_meta_model); the fallback,
+    a CPU build moved to meta, takes seconds."""
+    with torch.device("meta"):
+        model = create_model(name, task=task)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])

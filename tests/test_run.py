@@ -194,3 +194,15 @@ def test_cuda_graph_rows_on_gpu(tiny_models, mode):
     assert graph["cuda_graph"] and graph["iters"] == 3 and graph["latency_ms_median"] > 0
     # the graph's private pool holds the activations: nothing new is allocated while replaying
     assert graph["mem_peak_alloc_mb"] == pytest.approx(graph["mem_static_mb"])
+
+def test_models_imports_neither_timm_nor_torchvision_nor_dynamo():
+    """Together ~2 s, more than the rest of `bench models` (serpent.layers says why)."""
+    code = ("import sys, torch\n"
+            "already = set(sys.modules)\n"
+            "from bench.cli import main\n"
+            "try:\n    main(['models'])\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('timm', 'torchvision', 'torch._dynamo')\n"
+            "       if m in sys.modules and m not in already])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "[]"

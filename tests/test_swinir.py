@@ -180,6 +180,19 @@ def reference_block(blk, x, x_size):
     return x + blk.mlp(blk.norm2(x))
 
 
+def test_mlp_is_timms():
+    """The official SwinIR Mlp; the port used timm's, which has the same parameters and draws."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    ours = sw.Mlp(in_features=12, hidden_features=24)
+    torch.manual_seed(0)
+    theirs = timm_layers.Mlp(in_features=12, hidden_features=24)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    x = torch.randn(2, 5, 12)
+    assert torch.equal(ours(x), theirs(x))
+
+
 # --------------------------------------------------------------------------- whole model
 
 
