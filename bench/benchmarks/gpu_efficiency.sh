@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU reference run (efficiency), as the committed results were produced. On a host with
 # several GPUs, from the repo root, after ../shared/gpu/stage.sh:
-#     OUT=/some/dir bash bench/benchmarks/gpu_efficiency.sh
+#     OUT=/some/dir [RESUME_FROM=earlier/sweep.jsonl] bash bench/benchmarks/gpu_efficiency.sh
 # Re-entrant: run it again with the same OUT (a warm machine keeps it) and it goes on where the
-# device tool's 600 s limit stopped it (checks done once, sweeps resumed).
+# device tool's 600 s limit stopped it (checks done once, sweeps resumed). RESUME_FROM: an
+# earlier sweep on the same kind of card, whose configs are not measured again.
+# Run 4 (4x H200) needed two 600 s calls for steps 1-3 (setup 168 s, checks 365 s, sweep 560 s).
 # 1. setup (staged wheels, mamba-ssm kernel);
 # 2. checks, once: on GPU 0 alone the timer check, then the regression-gate demo eager and with
 #    CUDA graphs (timings of launch-bound models follow the host: nothing else on GPU 0); on
@@ -14,13 +16,17 @@
 #    256/512 bf16 inference rows measured again (eager), and twice as CUDA graph replays.
 source bench/benchmarks/gpu_setup.sh
 MODELS="${MODELS:-serpent_t,serpent_s,serpent_b,nafnet_w32,nafnet_w64,restormer,swinir,mambair}"
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+if [[ -n "${RESUME_FROM:-}" && ! -f "$R/sweep.jsonl" ]] && grep -q "\"device_name\": \"$card\"" "$RESUME_FROM"; then
+  cp "$RESUME_FROM" "$R/sweep.jsonl"  # an earlier sweep counts only on the same kind of card
+fi
 SWEEP=(--warmup 3 --iters 10 --min-time 0.2 --gpus all --resume --no-progress)
 sweep() { local out=$1 limit=$2; shift 2
   timeout $(left "$limit") bench run "${SWEEP[@]}" --timeout 150 --out "$R/$out" "$@" >> "$R/sweep.log" 2>&1
   echo "$out: $((SECONDS - t0)) s, $(wc -l < "$R/$out" 2>/dev/null || echo 0) rows"; }
 
 if [[ ! -f "$R/checks.done" ]]; then
-  ( CUDA_VISIBLE_DEVICES=0 timeout $(left 140) python -m bench.benchmarks.timer_check --out "$R/checks.jsonl" \
+  ( CUDA_VISIBLE_DEVICES=0 timeout $(left 200) python -m bench.benchmarks.timer_check --out "$R/checks.jsonl" \
         --rounds 4 --iters 30 > "$R/timer_check.log" 2>&1
     for g in eager graph; do
       CUDA_VISIBLE_DEVICES=0 timeout $(left 110) python -m bench.benchmarks.regression_demo \

@@ -28,9 +28,9 @@ def _ok_rows(path: str) -> dict:
 
 
 def _without_graph(key: tuple) -> tuple:
-    (cfg, card), flags = key, list(key[0])
-    flags[-2] = False  # config_key: ..., compile, channels_last, cuda_graph, overrides
-    return tuple(flags), card
+    """The eager twin of a graph row's key (config_key ends: ..., cuda_graph, overrides)."""
+    cfg, card = key
+    return (*cfg[:-2], False, cfg[-1]), card
 
 
 def main(argv=None) -> int:
