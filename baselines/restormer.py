@@ -6,10 +6,11 @@ parameter names, so the official checkpoints (`motion_deblurring.pth`,
 `gaussian_color_denoising_*.pth`, ...) load with `strict=True`, and the same function. Computed
 differently, same function:
 
-- Transposed (channel) attention (MDTA) through `scaled_dot_product_attention` by default: the
-  official ``softmax((q/|q|) (k/|k|)^T * temperature) v`` over channels is SDPA with the
-  per-head temperature folded into q and ``scale=1`` (sequence = channels of a head, embedding =
-  pixels). `attn_impl="math"` is the official explicit computation.
+- Transposed (channel) attention (MDTA) with `attn_impl="sdpa"`: the official
+  ``softmax((q/|q|) (k/|k|)^T * temperature) v`` over channels is SDPA with the per-head
+  temperature folded into q and ``scale=1`` (sequence = channels of a head, embedding = pixels).
+  `attn_impl="math"` is the official explicit computation, and the registered default (see
+  `restormer()`: SDPA has no good kernel for this shape on CUDA).
 - The WithBias LayerNorm is `F.layer_norm` over the channels (one fused op with the same formula:
   biased variance, eps 1e-5 inside the square root); BiasFree keeps the official expression,
   which has no fused equivalent (it scales by the standard deviation without centring).
@@ -254,10 +255,11 @@ def restormer(*, task: str, scale: int, attn_impl: str = "math", **overrides) ->
     """Official Restormer for `task`; `scale` only sets the bicubic input size (x1 network).
 
     Default attention is the official math path: MDTA attends across channels, so SDPA's "head
-    dimension" is the pixel count (65,536 at 256x256). No fused kernel takes that (flash stops at
-    256; on an H200, torch 2.11's memory-efficient kernel failed with "cutlassF: no kernel found
-    to launch" at 512 px training and at 1024 px, results/gpu_h200x4_efficiency.jsonl), and the
-    C x C attention matrix is tiny, so the math path is also the fast one.
+    dimension" is the pixel count (65,536 at 256x256). No fused kernel takes that well (flash
+    stops at 256). Measured on an H200 with torch 2.11 (results/gpu-h200x4-run4/README.md): at
+    256 px SDPA picks the memory-efficient kernel and is 2.7x slower than the math path in fp32
+    (78.5 vs 28.7 ms); at 512 px it fails ("cutlassF: no kernel found to launch!"). The C x C
+    attention matrix is tiny, so the math path is also the fast one.
     """
     config = {**OFFICIAL, "LayerNorm_type": "BiasFree" if task == "denoise" else "WithBias"}
     return Restormer(**{**config, "attn_impl": attn_impl, **overrides})
