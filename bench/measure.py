@@ -182,7 +182,6 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
     return out
 
 
-
 def check_cuda_graph(cfg: RunConfig) -> None:
     """What `--cuda-graph` cannot measure, as a usage error instead of a wrong number."""
     if not cfg.cuda_graph:
@@ -201,8 +200,9 @@ def capture_cuda_graph(step, prepare, device: torch.device, warmup: int):
     """`step` captured once into a CUDA graph; returns its replay.
 
     Why: a model of many small kernels (Serpent's scans over scales and directions) is bound by
-    the host's kernel launches, so its eager latency follows host jitter (5-15% between runs
-    measured on an H200); a replay launches the whole step at once and times the GPU work.
+    the host's kernel launches, so its eager latency follows the host (3-69% apart between two
+    sweeps on an H200, results/gpu-h200x4-run4); a replay launches the whole step at once and
+    times the GPU work (within 0.8% between the same two sweeps).
     Eager warm-up runs on a side stream first (cudnn autotuning, lazy caches such as SwinIR's
     masks), as capture requires. The graph holds its activations in a private memory pool, so
     peak memory equals the static part. Training: gradients are set to None before capture and
