@@ -23,7 +23,8 @@ Backends (`resolve_backend` picks one; `used_backends` reports what actually ran
   some), and a custom op cannot carry the kernel's saved chunk states from forward to backward.
 - "chunked": PyTorch, two-level scan over chunks of length T ~ sqrt(l): a T-step loop that
   advances all l/T chunks at once (every step is one vectorised op over all chunks), then a
-  sequential pass over the l/T chunk boundaries that carries the state into each chunk. Only
+  sequential pass over the l/T chunk-end states and one broadcast op that carries each into the
+  next chunk. Time-major layout, fixed-size time blocks on CPU (see `chunked_scan`). Only
   products of decays exp(delta*A) <= 1 appear (A < 0): no exp of large positive numbers, no
   division by cumulative decays. Backward: the op recomputes the forward under autograd; the
   linear recurrence itself has an analytic backward (the same chunked scan run in reverse).
@@ -39,7 +40,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 BACKENDS = ("mamba", "chunked", "sequential")
@@ -104,13 +104,13 @@ def _compute_dtype(u: Tensor) -> torch.dtype:
 
 
 def _softplus(x: Tensor) -> Tensor:
-    """softplus without torch.log1p, which is not vectorised on CPU (5x slower here than the
-    whole rest): log1p(e) = log(v) * e / (v - 1) with v = 1 + e (Goldberg), accurate to a few
-    ulps, and no threshold (F.softplus returns x above 20: 1e-10 off in float64)."""
+    """softplus = max(x, 0) + log1p(exp(-|x|)) without torch.log1p, which is not vectorised on
+    CPU (8x slower here than log): log1p(e) = log(v) - ((v - 1) - e) / v with v = 1 + e rounded,
+    whose rounding error (v - 1) - e is computed exactly (compensated log: ~1 ulp, and e itself
+    when 1 + e rounds to 1). No threshold (F.softplus returns x above 20: 1e-10 off in float64)."""
     e = torch.exp(-x.abs())
-    v = 1 + e
-    exact = v == 1  # e below half an ulp of 1: log1p(e) = e
-    return x.clamp_min(0) + torch.where(exact, e, torch.log(v) * e / torch.where(exact, 1, v - 1))
+    v = e + 1
+    return torch.log(v).addcdiv_((v - 1).sub_(e), v, value=-1).add_(x.clamp_min(0))
 
 
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
@@ -130,7 +130,7 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
 
 def _finish(y, u, D, z, dtype):
     if D is not None:
-        y = y + u * D.to(y.dtype)[:, None]
+        y = torch.addcmul(y, u, D.to(y.dtype)[:, None])
     if z is not None:
         y = y * F.silu(z.to(y.dtype))
     return y.to(dtype).contiguous()
@@ -141,37 +141,55 @@ def _finish(y, u, D, z, dtype):
 
 def chunk_length(l: int) -> int:
     """T ~ sqrt(l) (a power of two, at least 8) balances the T in-chunk steps against the l/T
-    boundary steps; measured on CPU by bench/benchmarks/scan_cpu.py."""
+    boundary steps."""
     return max(8, 1 << round(math.log2(max(l, 1)) / 2))
+
+
+def chunk_plan(b: int, d: int, n: int, l: int, device) -> tuple[int, int]:
+    """(chunk length T, time-block length) that `chunked_scan` uses by default. On CPU, blocks of
+    BLOCK_ELEMENTS / (b*d*n) steps and T ~ sqrt(block / 4): an in-chunk step (two ops over all
+    chunks) costs more than a boundary step (one op over one state), so T is shorter than the
+    balance of op counts, sqrt(block). Measured by bench/benchmarks/scan_cpu.py. On CUDA one
+    block, T ~ sqrt(l)."""
+    if torch.device(device).type != "cpu":
+        return chunk_length(l), l
+    block = max(1, BLOCK_ELEMENTS // (b * d * n))
+    return chunk_length(max(1, min(block, l) // 4)), block
 
 
 def _scan_(a: Tensor, x: Tensor) -> Tensor:
     """In place: x <- h with h_t = a_t * h_{t-1} + x_t (h_{-1} = 0).
 
-    a and x are contiguous (T, nc, ...): step t of chunk c is time c*T + t. Chunk-major time
-    inside the layout makes every in-chunk step one contiguous slice over all chunks. a is
-    overwritten with the cumulative decays inside each chunk (products of a's entries).
+    a and x are contiguous (nc, T, ...) in natural time order: step t of chunk c is time c*T + t.
+    An in-chunk step is then one strided slice over all chunks (nc rows of contiguous
+    elements), and a chunk is one contiguous block for the carry. a is overwritten with the
+    cumulative decays inside each chunk (products of a's entries).
     """
-    T, nc = a.shape[:2]
-    av, xv = a.view(T, nc, -1), x.view(T, nc, -1)
-    a_t, x_t = av.unbind(0), xv.unbind(0)  # views made once: indexing costs show at this size
+    nc, T = a.shape[:2]
+    av, xv = a.view(nc, T, -1), x.view(nc, T, -1)
+    a_t, x_t = av.unbind(1), xv.unbind(1)  # views made once: indexing costs show at this size
     for t in range(1, T):  # all chunks advance together, each from a zero state
         x_t[t].addcmul_(a_t[t], x_t[t - 1])
         if nc > 1:
             a_t[t].mul_(a_t[t - 1])
-    a_c, x_c, last = av.unbind(1), xv.unbind(1), x_t[-1].unbind(0)
-    for c in range(1, nc):  # carry the final state of chunk c-1 into chunk c
-        x_c[c].addcmul_(a_c[c], last[c - 1])
+    if nc > 1:  # final states of all chunks: one short pass over the chunk ends, then each
+        # chunk gets the decayed final state of the one before in one broadcast op
+        ends = x_t[-1].clone()
+        e_c, a_c = ends.unbind(0), a_t[-1].unbind(0)
+        for c in range(1, nc):
+            e_c[c].addcmul_(a_c[c], e_c[c - 1])
+        xv[1:].addcmul_(av[1:], ends[:-1, None])
     return x
 
 
 def _shift(x: Tensor, step: int) -> Tensor:
-    """Shift a (T, nc, ...) sequence by one time step (+1: x_{t+1}, -1: x_{t-1}), zero-filled."""
+    """Shift a (nc, T, ...) sequence by one time step (+1: x_{t+1}, -1: x_{t-1}), zero-filled."""
     out = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    src, dst = x.flatten(0, 1), out.view(-1, *x.shape[2:])
     if step > 0:
-        out[:-1], out[-1, :-1] = x[1:], x[0, 1:]
+        dst[:-1] = src[1:]
     else:
-        out[1:], out[0, 1:] = x[:-1], x[-1, :-1]
+        dst[1:] = src[:-1]
     return out
 
 
@@ -197,7 +215,7 @@ class _LinearScan(torch.autograd.Function):
 def _linear_scan(a: Tensor, x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (a.requires_grad or x.requires_grad):
         return _LinearScan.apply(a, x)
-    return _scan_(a, x)  # a, x are temporaries of the caller: scan in place
+    return _scan_(a.contiguous(), x.contiguous())  # temporaries of the caller: scan in place
 
 
 _WORKSPACE = threading.local()
@@ -219,59 +237,75 @@ def _workspace(name: str, *operands: Tensor) -> Optional[Tensor]:
     return buf[: math.prod(shape)].view(shape)
 
 
-BLOCK_ELEMENTS = 1 << 22  # per work tensor (16 MB in fp32): cache-friendly, recycled by malloc
+BLOCK_ELEMENTS = 1 << 20  # per work tensor (4 MB in fp32): the block's tensors stay in L3
+
+
+def _time_major(x: Tensor, pad: int, workspace: Optional[str] = None) -> Tensor:
+    """(..., l) -> contiguous (l + pad, prod(...)), zero-padded at the end, into the named CPU
+    workspace if given. A plain 2-D transpose of the contiguous input: torch copies that through
+    a cache-blocked path (2.5x faster on CPU than a general permute)."""
+    x = x.reshape(-1, x.shape[-1])
+    x = (F.pad(x, (0, pad)) if pad else x).t()
+    out = workspace and _workspace(workspace, x)
+    return x.contiguous() if out is None else out.copy_(x)
 
 
 def chunked_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                  chunk: Optional[int] = None, block: Optional[int] = None) -> Tensor:
     """The chunked PyTorch backend as a plain differentiable function (no custom op).
 
-    On CPU, long inputs run in time blocks of `block` steps (default BLOCK_ELEMENTS / (b*d*n)),
-    each starting from the previous block's final state: work tensors stay a few MB instead of
-    b*d*n*l elements (fresh 100 MB+ allocations cost more in page faults than the scan itself).
-    On CUDA one block (the caching allocator recycles memory; more blocks = more launches).
+    Inputs are copied once to time-major (l, ...) layout, so a time block is a contiguous
+    slice. On CPU, long inputs run in time blocks of `block` steps (default: `chunk_plan`;
+    rounded up to a multiple of the chunk length), each starting from the previous block's
+    final state: the work tensors stay cache-sized (every pass over them is memory-bound; 16 MB
+    ones spill out of L3). On CUDA one block (more blocks = more launches).
     """
     dtype = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, l = u.shape
-    step = block or (max(1, BLOCK_ELEMENTS // (b * d * A.shape[1]))
-                     if u.device.type == "cpu" else l)
-    ys, state = [], None
-    for s in range(0, l, step):
-        t = slice(s, s + step)
-        y, state = _chunked_block(u[..., t], delta[..., t], A, B[..., t], C[..., t], state, chunk)
-        ys.append(y)
-    return _finish(ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1), u, D, z, dtype)
-
-
-def _chunked_block(u, delta, A, B, C, state, chunk):
-    """One time block: (y (b, d, l), final state (b, d, n)); `state` is the initial one."""
-    b, d, l = u.shape
-    g = B.shape[1]
-    T = chunk or chunk_length(l)
+    g, n = B.shape[1], A.shape[1]
+    T, step = chunk_plan(b, d, n, l, u.device)
+    T, step = chunk or T, block or step
+    step = -(-step // T) * T  # a multiple of the chunk length
     pad = -l % T  # padded steps have delta = 0: decay 1, input 0, state kept, output cropped
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+    dt, dtu, Bt, Ct = (_time_major(t, pad, None if tracked else name) for t, name in (
+        (delta, "dt"), (delta * u, "dtu"), (B, "Bt"), (C, "Ct")))
+    # exp(x) as exp2(x * log2 e): torch's exp2 is 3x faster than exp on CPU (AVX-512)
+    A2 = (A * math.log2(math.e)).view(g, d // g, n).transpose(1, 2).contiguous()  # (g, n, e)
+    y = None if tracked else _workspace("y", dt) if dt.is_cpu else torch.empty_like(dt)
+    ys, state = [], None
+    for s in range(0, l + pad, step):
+        t = slice(s, s + step)
+        y_t, state = _chunked_block(dt[t], dtu[t], A2, Bt[t], Ct[t], state, T, b,
+                                    None if tracked else y[t])
+        ys.append(y_t)
+    y = y if not tracked else ys[0] if len(ys) == 1 else torch.cat(ys)
+    return _finish(y[:l].t().contiguous().view(b, d, l), u, D, z, dtype)
 
-    def chunked(x, pattern, **axes):
-        """(T, nc, ...) copy of a small (b, d, l)-sized input: the big products come out
-        contiguous in the layout the scan steps through."""
-        return rearrange(F.pad(x, (0, pad)) if pad else x, pattern, t=T, **axes).contiguous()
 
-    dt = chunked(delta, "b d (c t) -> t c b d 1")
-    dtu = chunked(delta * u, "b (g e) (c t) -> t c b g e 1", g=g)
-    Bt = chunked(B, "b g n (c t) -> t c b g 1 n")
-    Ct = chunked(C, "b g n (c t) -> t c b g 1 n")
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, state))
-    # (T, nc, b, d, n): decays (<= 1 when A < 0) and inputs
-    a = torch.mul(dt, A, out=None if tracked else _workspace("a", dt, A)).exp_()
-    x = torch.mul(dtu, Bt, out=None if tracked else _workspace("x", dtu, Bt)).flatten(3, 4)
+def _chunked_block(dt, dtu, A2, Bt, Ct, state, T, b, out):
+    """One time block of time-major inputs: (y (l, b*d), final state (b, g, n, e)), `state` the
+    initial one; y goes to `out` when given (untracked: no autograd through out=).
+
+    Work tensors are laid out (nc, T, b, g, n, e) with the channel e = d/g innermost: every
+    broadcast (delta over n, B over e) is a plain scalar-times-vector loop, and y = <C, h> is one
+    batched (1 x n) @ (n x e) matmul instead of a product pass plus a short inner reduction.
+    """
+    g, n, e = A2.shape
+    nc = dt.shape[0] // T
+    dt, dtu = (t.view(nc, T, b, g, 1, e) for t in (dt, dtu))
+    Bt = Bt.view(nc, T, b, g, n, 1)
+    tracked = out is None
+    # (nc, T, b, g, n, e): decays (<= 1 when A < 0) and inputs
+    a = torch.mul(dt, A2, out=None if tracked else _workspace("a", dt, A2)).exp2_()
+    x = torch.mul(dtu, Bt, out=None if tracked else _workspace("x", dtu, Bt))
     if state is not None:
         x[0, 0].addcmul_(a[0, 0], state)
     h = _linear_scan(a, x)
-    final = h[-1, -1].clone()
-    h = h.unflatten(3, (g, -1))
-    y = (h * Ct if tracked else h.mul_(Ct)).sum(-1)  # (T, nc, b, g, e)
-    return rearrange(y, "t c b g e -> b (g e) (c t)")[..., :l], final
+    y = torch.bmm(Ct.view(-1, 1, n), h.view(-1, n, e),
+                  out=None if tracked else out.view(-1, 1, e))
+    return y.view(-1, b * g * e), h[-1, -1].clone()
 
 
 # --------------------------------------------------------------------------- reference / mamba

@@ -22,7 +22,7 @@ import torch
 
 from bench.environment import environment
 from bench.results import append_rows
-from serpent.scan import chunk_length, chunked_scan, sequential_scan
+from serpent.scan import chunk_plan, chunked_scan, sequential_scan
 
 TARGET_SPEEDUP = 20.0
 
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             q1, med, q3 = quartiles(ts)
             rows.append({
                 "kind": "scan_cpu", "backend": name, "b": args.b, "d": args.d, "l": l,
-                "n": args.n, "chunk": chunk_length(l) if name == "chunked" else None,
+                "n": args.n, "chunk": chunk_plan(args.b, args.d, args.n, l, "cpu")[0] if name == "chunked" else None,
                 "dtype": "float32", "pass": "forward", "median_ms": med, "iqr_ms": q3 - q1,
                 "min_ms": min(ts), "runs": len(ts), "speedup": loop_median / med,
                 "rel_err_vs_sequential": err if name == "chunked" else 0.0,
