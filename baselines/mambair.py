@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from baselines.swinir import Upsample  # identical in both official repositories
-from serpent.layers import DropPath, trunc_normal_
+from serpent.layers import DropPath, init_transformer_weights
 from serpent.registry import register_model
 from serpent.scan import selective_scan
 
@@ -268,17 +268,7 @@ class MambaIR(nn.Module):
             self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
         else:
             self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_transformer_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x_size = (x.shape[2], x.shape[3])

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from baselines.attention import check_attn_impl
-from serpent.layers import DropPath, to_2tuple, trunc_normal_
+from serpent.layers import DropPath, init_transformer_weights, to_2tuple, trunc_normal_
 from serpent.registry import register_model
 
 REFERENCE = "Liang et al., ICCVW 2021, github.com/JingyunLiang/SwinIR"
@@ -495,17 +495,7 @@ class SwinIR(nn.Module):
             self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
         else:
             raise ValueError(f"unknown upsampler {upsampler!r}")
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_transformer_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -75,3 +75,16 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """The Swin/ViT initialisation the official SwinIR and MambaIR code apply with `model.apply`
+    (and Serpent with them): truncated-normal Linear weights (std 0.02), zero biases, LayerNorms
+    at weight 1 and bias 0. Conv layers keep PyTorch's defaults."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

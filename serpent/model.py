@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from serpent.layers import DropPath, trunc_normal_
+from serpent.layers import DropPath, init_transformer_weights
 from serpent.registry import register_model
 from serpent.scan import selective_scan
 
@@ -255,17 +255,7 @@ class Serpent(nn.Module):
         self.unembed = nn.Sequential(nn.Conv2d(embed_dim, embed_dim * patch_size ** 2, 1),
                                      nn.PixelShuffle(patch_size))
         self.conv_out = nn.Conv2d(embed_dim, in_chans, 3, padding=1)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_transformer_weights)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
