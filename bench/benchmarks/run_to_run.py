@@ -19,18 +19,14 @@ from tabulate import tabulate
 from bench.results import append_rows, config_key, read_rows
 
 
-def _ok_rows(path: str) -> dict:
+def _ok_rows(path: str, **as_if) -> dict:
+    """ok rows with a latency, keyed by (config, card); `as_if` overrides fields of the key only
+    (cuda_graph=False: a graph row under the key of its eager twin)."""
     rows = {}
     for r in read_rows(path):
         if r.get("kind") == "efficiency" and r.get("status") == "ok" and r.get("latency_ms_median"):
-            rows[(config_key(r), r.get("device_name"))] = r
+            rows[(config_key({**r, **as_if}), r.get("device_name"))] = r
     return rows
-
-
-def _without_graph(key: tuple) -> tuple:
-    """The eager twin of a graph row's key (config_key ends: ..., cuda_graph, overrides)."""
-    cfg, card = key
-    return (*cfg[:-2], False, cfg[-1]), card
 
 
 def main(argv=None) -> int:
@@ -42,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="append one summary row per config here")
     args = ap.parse_args(argv)
     a, b = _ok_rows(args.first), _ok_rows(args.second)
-    graph = {_without_graph(k): r for k, r in _ok_rows(args.graph).items()} if args.graph else {}
+    graph = _ok_rows(args.graph, cuda_graph=False) if args.graph else {}
     rows, table = [], []
     for key in sorted(set(a) & set(b), key=lambda k: (k[0][0], k[0][3], str(k))):
         ra, rb = a[key], b[key]
