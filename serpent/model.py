@@ -36,19 +36,39 @@ def _snake(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=256)
-def scan_orders(h: int, w: int, path: str,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, inverse), each (4, h*w): sequence step -> flat pixel index and back, for the
-    directions rows, columns, rows reversed, columns reversed. Built once per size: unrolling
-    and rolling back are then one gather each (a few kernels instead of ~20 per scale)."""
+def _build_orders(h: int, w: int, path: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     if path not in PATHS:
         raise ValueError(f"scan path must be one of {PATHS}, got {path!r}")
-    grid = torch.arange(h * w).view(h, w)
+    grid = torch.arange(h * w, device=device).view(h, w)
     walk = _snake if path == "serpentine" else (lambda g: g)
     rows, cols = walk(grid).flatten(), walk(grid.t()).flatten()
     order = torch.stack([rows, cols, rows.flip(0), cols.flip(0)])
-    return order.to(device), order.argsort(dim=1).to(device)
+    return order, order.argsort(dim=1)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_orders(h: int, w: int, path: str,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # never inference tensors: a cache filled under torch.inference_mode also serves training,
+    # where gather saves its index for backward
+    with torch.inference_mode(False):
+        return _build_orders(h, w, path, device)
+
+
+def scan_orders(h: int, w: int, path: str,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse), each (4, h*w): sequence step -> flat pixel index and back, for the
+    directions rows, columns, rows reversed, columns reversed. Cached per size in eager mode
+    (unrolling and rolling back are then one gather each); built fresh under torch.compile,
+    which traces the few index ops instead of a cache it cannot see through."""
+    if torch.compiler.is_compiling():
+        return _build_orders(h, w, path, device)
+    return _cached_orders(h, w, path, torch.device(device))
+
+
+def clear_scan_orders_cache() -> None:
+    """Drop the cached scan orders (they hold device memory)."""
+    _cached_orders.cache_clear()
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

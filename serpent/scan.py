@@ -233,7 +233,10 @@ def _workspace(name: str, *operands: Tensor) -> Optional[Tensor]:
     bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
     buf = bufs.get((name, like.dtype))
     if buf is None or buf.numel() < math.prod(shape):
-        buf = bufs[(name, like.dtype)] = torch.empty(math.prod(shape), dtype=like.dtype)
+        # never an inference tensor: a buffer first allocated under torch.inference_mode is
+        # written again by untracked scans outside it (a custom op's forward in training)
+        with torch.inference_mode(False):
+            buf = bufs[(name, like.dtype)] = torch.empty(math.prod(shape), dtype=like.dtype)
     return buf[: math.prod(shape)].view(shape)
 
 

@@ -221,3 +221,20 @@ def test_cuda_backends_agree():
     ref = selective_scan(**inp, delta_softplus=True, backend="chunked")
     out = selective_scan(**inp, delta_softplus=True)
     assert rel(out, ref) < 1e-4
+
+
+def test_workspace_first_used_in_inference_mode_serves_later_scans(monkeypatch):
+    """`bench train --val-set`: validation ran under torch.inference_mode and allocated the CPU
+    workspaces; the next training step's scan (untracked inside the custom op) wrote into them:
+    "Inplace update to inference tensor outside InferenceMode is not allowed"."""
+    import threading
+
+    monkeypatch.setattr(scan, "_WORKSPACE", threading.local())  # fresh, unallocated buffers
+    inp = make_inputs(l=300, dtype=torch.float32)
+    with torch.inference_mode():
+        first = chunked_scan(**inp, delta_softplus=True)
+    with torch.no_grad():
+        again = chunked_scan(**inp, delta_softplus=True)
+    assert torch.equal(first, again)
+    wrt = [inp["u"].requires_grad_(True), inp["delta"].requires_grad_(True)]
+    torch.autograd.grad(selective_scan(**inp, delta_softplus=True).sum(), wrt)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from serpent.model import CONFIGS, PATHS, Serpent, merge_directions, roll_back, unroll
+from serpent.model import (CONFIGS, PATHS, Serpent, clear_scan_orders_cache, merge_directions,
+                           roll_back, unroll)
 from serpent.registry import registered
 from serpent.scan import reset_used_backends, used_backends
 
@@ -132,3 +133,38 @@ def test_tiny_model_fits_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_scan_orders_cached_under_inference_mode_serve_training():
+    """`bench run --mode both`: the orders cached by an inference call were inference tensors,
+    and gather saves its index for backward: "Inference tensors cannot be saved for backward"."""
+    clear_scan_orders_cache()
+    x = torch.randn(1, 3, 5, 6)
+    with torch.inference_mode():
+        unroll(x)
+    x.requires_grad_(True)
+    unroll(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, 8 * x.detach())  # each pixel in 4 sequences, d(s^2) = 2s
+
+
+def test_infer_then_train_then_infer_in_one_process():
+    """The sequence users run (`bench train --val-set`, `bench run --mode both`) on CPU."""
+    import threading
+
+    from bench.registry import create_model
+    from serpent import scan
+
+    clear_scan_orders_cache()
+    scan._WORKSPACE = threading.local()  # fresh CPU workspaces, first allocated below
+    torch.manual_seed(0)
+    model = create_model("serpent_t", task="deblur").eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        first = model(x)
+    model.train()
+    model(x).abs().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.inference_mode():
+        again = model(x)
+    assert torch.equal(first, again)
