@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from serpent.fused import mssm_core, use_fused
 from serpent.layers import DropPath, init_transformer_weights
 from serpent.registry import register_model
 from serpent.scan import selective_scan
@@ -99,6 +100,11 @@ def merge_directions(y: torch.Tensor, h: int, w: int, path: str = "serpentine") 
     return roll_back(y, h, w, path).sum(1)
 
 
+def _at_least_fp32(p: torch.Tensor) -> torch.Tensor:
+    """SSM parameters in float32 (the scan kernels' precision), float64 ones kept."""
+    return p.to(torch.promote_types(p.dtype, torch.float32))
+
+
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     return F.pad(x, (0, -w % multiple, 0, -h % multiple), mode="replicate")
@@ -152,9 +158,10 @@ class DirectionalSSM(nn.Module):
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kcr->bkcl", dts, self.dt_projs_weight)
         y = selective_scan(
-            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(self.A_logs.float()),
-            Bs, Cs, self.Ds.float(), None,
-            self.dt_projs_bias.flatten().float(), delta_softplus=True, backend=self.scan_backend)
+            xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(_at_least_fp32(self.A_logs)),
+            Bs, Cs, _at_least_fp32(self.Ds), None,
+            _at_least_fp32(self.dt_projs_bias.flatten()), delta_softplus=True,
+            backend=self.scan_backend)
         return merge_directions(y.unflatten(1, (4, -1)), h, w, self.path)
 
 
@@ -170,6 +177,7 @@ class MSSM(nn.Module):
                  scan_path: str = "serpentine", scan_backend: str = "auto"):
         super().__init__()
         inner = int(expand * dim)
+        self.scan_backend, self.scan_path = scan_backend, scan_path
         self.in_proj = nn.Linear(dim, 2 * inner)
         self.dwconv = nn.Conv2d(inner, inner, 3, padding=1, groups=inner)
         self.ssms = nn.ModuleList(
@@ -180,6 +188,8 @@ class MSSM(nn.Module):
         self.out_proj = nn.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(self.scan_backend, x.device, x.dtype, len(self.ssms)):
+            return self.out_proj(self._fused_core(self.in_proj(x)))
         h, w = x.shape[1:3]
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.dwconv(rearrange(x, "b h w c -> b c h w")))
@@ -193,6 +203,17 @@ class MSSM(nn.Module):
             scales.append(rearrange(ys, "b c h w -> b h w c"))
         y = self.out_norm(self.fuse(torch.cat(scales, dim=-1)))
         return self.out_proj(y * F.silu(z))
+
+    def _fused_core(self, xz: torch.Tensor) -> torch.Tensor:
+        """Everything between in_proj and out_proj as one op (serpent.fused): same function,
+        same parameters, a few kernel launches instead of ~70."""
+        fuse = self.fuse if isinstance(self.fuse, nn.Linear) else None
+        return mssm_core(
+            xz, self.dwconv.weight, self.dwconv.bias, [m.x_proj_weight for m in self.ssms],
+            [m.dt_projs_weight for m in self.ssms], [m.dt_projs_bias for m in self.ssms],
+            [m.A_logs for m in self.ssms], [m.Ds for m in self.ssms],
+            None if fuse is None else fuse.weight, None if fuse is None else fuse.bias,
+            self.out_norm.weight, self.out_norm.bias, self.out_norm.eps, self.scan_path)
 
 
 class FeedForward(nn.Module):
