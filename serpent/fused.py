@@ -142,7 +142,7 @@ def _mssm_core_op(xz: Tensor, conv_weight: Tensor, conv_bias: Tensor, x_proj: li
     """(out, and what backward needs: xs, x_dbl, states, cat, fused). `mssm_core` is the API."""
     _check_runnable(xz, len(x_proj))
     scan._USED.add(BACKEND)
-    from serpent import kernels
+    kernels = importlib.import_module("serpent.kernels")
 
     with torch.autocast(xz.device.type, enabled=False):
         return _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_log, D,
@@ -215,6 +215,34 @@ def _pointers(tensors: list[Tensor]) -> list[Tensor]:
     return [*tensors, *[tensors[0]] * (MAX_SCALES - len(tensors))]
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _dot_args(kernels, dtype: torch.dtype, operands: torch.dtype) -> dict:
+    """tl.dot in CT where Triton has it (not float64: a broadcast product there, tests only).
+    Operands of `operands` dtype: 16-bit ones are exact in TF32 (tensor cores, a bf16 GEMM's
+    arithmetic); fp32 ones exactly (FMA) unless torch allows TF32 for matmuls, as cuBLAS."""
+    tf32 = operands in (torch.bfloat16, torch.float16) or (
+        operands == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+    return dict(USE_DOT=dtype != torch.float64, PRECISION="tf32" if tf32 else "ieee",
+                CT=_tl_dtype(kernels, dtype))
+
+
+def _grouped_matmul(kernels, a, weights, c, b, h, w, k, n, *, transpose_b, accumulate=False):
+    """c[rows of scale s] (+)= a[rows of s] @ (weights[s].view(n, k).t() if transpose_b else
+    weights[s].view(k, n)) for all scales in one launch (x_proj is per-pixel channel mixing:
+    one matmul per scale on the map, all four directions at once)."""
+    bm, bn = 64, min(64, max(16, _pow2(n)))
+    bk = 16 if a.dtype == torch.float64 else min(32, max(16, _pow2(k)))
+    rows = [b * hs * ws for hs, ws in _scale_sizes(h, w, len(weights))]
+    strides = (1, k) if transpose_b else (n, 1)
+    kernels.grouped_matmul_kernel[(sum(-(-r // bm) for r in rows), -(-n // bn))](
+        a, *_pointers(weights), c, b, h, w, k, n, *strides, ACCUMULATE=accumulate,
+        NUM_SCALES=len(weights), BM=bm, BN=bn, BK=bk,
+        **_dot_args(kernels, _compute_dtype(a.dtype), a.dtype))
+
+
 def _pyramid_tile(num_scales: int) -> int:
     return max(8, 2 ** (num_scales - 1))
 
@@ -238,13 +266,7 @@ def _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_
         NUM_SCALES=num_scales, TILE=tile, CB=cb, CT=CT)
 
     x_dbl = xz.new_empty(b * pixels * 4 * f)
-    start = 0
-    for (hs, ws), weight in zip(sizes, x_proj):  # per-pixel channel mixing, all directions
-        rows = b * hs * ws
-        torch.mm(xs[start * inner:(start + rows) * inner].view(rows, inner),
-                 weight.to(dtype).view(4 * f, inner).t(),
-                 out=x_dbl[start * 4 * f:(start + rows) * 4 * f].view(rows, 4 * f))
-        start += rows
+    _grouped_matmul(kernels, xs, x_proj, x_dbl, b, h, w, inner, 4 * f, transpose_b=True)
 
     ydir = xz.new_empty(4 * b * pixels * inner)
     states = xz.new_empty(_state_elements(b, h, w, inner, n, num_scales, tiles.chunk)
@@ -263,7 +285,8 @@ def _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_
         ydir, cat, b, h, w, inner, NUM_SCALES=num_scales, P=pix, CB=cb, CT=CT)
 
     if num_scales > 1:  # bias added in fp32 by the norm kernel
-        fused = torch.mm(cat.view(-1, num_scales * inner), fuse_weight.to(dtype).t()).view(b, h, w, inner)
+        fused = torch.mm(cat.view(-1, num_scales * inner), _as(fuse_weight, dtype).t())
+        fused = fused.view(b, h, w, inner)
     else:
         fused = cat
     out = xz.new_empty(b, h, w, inner)
@@ -290,6 +313,52 @@ def _setup_context(ctx, inputs, output):
         ctx.unsaved = True
 
 
+def _grad_parts(b, pixels, inner, num_scales, n, f, rank) -> dict[str, int]:
+    """Sizes of the parts of the one zeroed gradient buffer of the backward (atomic adds)."""
+    return {"du": b * pixels * inner, "dxd": b * pixels * 4 * f,
+            "dA": num_scales * 4 * inner * n, "dD": num_scales * 4 * inner,
+            "dE": num_scales * 4 * inner, "dW": num_scales * 4 * inner * rank,
+            "dXp": num_scales * 4 * f * inner, "dconv_w": inner * 9, "dconv_b": inner,
+            "dnorm_w": inner, "dnorm_b": inner, "dfuse_b": inner}
+
+
+def _split(flat: Tensor, parts: dict[str, int]) -> dict[str, Tensor]:
+    out, start = {}, 0
+    for name, size in parts.items():
+        out[name] = flat[start:start + size]
+        start += size
+    return out
+
+
+@torch.library.custom_op("serpent::mssm_core_backward", mutates_args=())
+def _mssm_core_backward_op(dout: Tensor, xz: Tensor, conv_weight: Tensor, conv_bias: Tensor,
+                           xs: Tensor, x_dbl: Tensor, states: Tensor, cat: Tensor, fused: Tensor,
+                           norm_weight: Tensor, norm_bias: Tensor, fuse_weight: Optional[Tensor],
+                           fuse_bias: Optional[Tensor], x_proj: list[Tensor],
+                           dt_weight: list[Tensor], dt_bias: list[Tensor], A_log: list[Tensor],
+                           D: list[Tensor], norm_eps: float, path: str) -> list[Tensor]:
+    """[d xz, the flat gradient buffer (`_grad_parts`), d fuse_weight]: its own op so that
+    AOTAutograd (torch.compile) traces the backward as one opaque node too."""
+    scan._USED.add(BACKEND)
+    kernels = importlib.import_module("serpent.kernels")
+    with torch.autocast(xz.device.type, enabled=False):
+        return _backward_impl(kernels, dout.contiguous(), xz, conv_weight, conv_bias, xs, x_dbl,
+                              states, cat, fused, norm_weight, norm_bias, fuse_weight, fuse_bias,
+                              x_proj, dt_weight, dt_bias, A_log, D, norm_eps, path)
+
+
+@_mssm_core_backward_op.register_fake
+def _(dout, xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weight, norm_bias,
+      fuse_weight, fuse_bias, x_proj, dt_weight, dt_bias, A_log, D, norm_eps, path):
+    b, h, w, c2 = xz.shape
+    inner, num_scales = c2 // 2, len(x_proj)
+    n, f = A_log[0].shape[-1], x_proj[0].shape[1]
+    pixels = sum(hs * ws for hs, ws in _scale_sizes(h, w, num_scales))
+    flat = sum(_grad_parts(b, pixels, inner, num_scales, n, f, f - 2 * n).values())
+    dfuse = (xz.new_empty(fuse_weight.shape) if fuse_weight is not None else xz.new_empty(0))
+    return [torch.empty_like(xz), xz.new_empty(flat, dtype=_compute_dtype(xz.dtype)), dfuse]
+
+
 def _backward(ctx, dout, *_):
     if getattr(ctx, "unsaved", False):
         raise RuntimeError("serpent::mssm_core was called with save_states=False; call it "
@@ -301,20 +370,29 @@ def _backward(ctx, dout, *_):
     rest = rest[2:] if ctx.has_fuse else rest
     S = ctx.num_scales
     x_proj, dt_weight, dt_bias, A_log, D = (rest[i * S:(i + 1) * S] for i in range(5))
-    scan._USED.add(BACKEND)
-    from serpent import kernels
-
     if dout is None:
-        dout = torch.zeros(xz.shape[:-1] + (xz.shape[-1] // 2,), dtype=xz.dtype, device=xz.device)
-    with torch.autocast(xz.device.type, enabled=False):
-        grads = _backward_impl(kernels, dout.contiguous(), xz, conv_weight, conv_bias, xs, x_dbl,
-                               states, cat, fused, norm_weight, norm_bias, fuse_weight,
-                               fuse_bias, x_proj, dt_weight, dt_bias, A_log, D, ctx.norm_eps,
-                               ctx.path)
-    (dxz, dconv_w, dconv_b, dx_proj, ddt_w, ddt_b, dA, dD, dfuse_w, dfuse_b, dnorm_w,
-     dnorm_b) = grads
-    return (dxz, dconv_w, dconv_b, dx_proj, ddt_w, ddt_b, dA, dD, dfuse_w, dfuse_b, dnorm_w,
-            dnorm_b, None, None, None)
+        dout = xz.new_zeros(*xz.shape[:-1], xz.shape[-1] // 2)
+    dxz, flat, dfuse_w = torch.ops.serpent.mssm_core_backward(
+        dout, xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weight, norm_bias,
+        fuse_weight, fuse_bias, x_proj, dt_weight, dt_bias, A_log, D, ctx.norm_eps, ctx.path)
+
+    b, h, w, c2 = xz.shape
+    n, f = A_log[0].shape[-1], x_proj[0].shape[1]
+    pixels = sum(hs * ws for hs, ws in _scale_sizes(h, w, S))
+    g = _split(flat, _grad_parts(b, pixels, c2 // 2, S, n, f, f - 2 * n))
+
+    def per_scale(name, like):
+        return [_as(g[name][s * t.numel():(s + 1) * t.numel()].view(t.shape), t.dtype)
+                for s, t in enumerate(like)]
+
+    def as_param(grad, param):
+        return None if param is None else _as(grad.view(param.shape), param.dtype)
+
+    return (dxz, as_param(g["dconv_w"], conv_weight), as_param(g["dconv_b"], conv_bias),
+            per_scale("dXp", x_proj), per_scale("dW", dt_weight), per_scale("dE", dt_bias),
+            per_scale("dA", A_log), per_scale("dD", D), as_param(dfuse_w, fuse_weight),
+            as_param(g["dfuse_b"], fuse_bias), as_param(g["dnorm_w"], norm_weight),
+            as_param(g["dnorm_b"], norm_bias), None, None, None)
 
 
 def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused,
@@ -331,16 +409,9 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
     tiles = ScanTiles.from_env()
 
     # one zeroed buffer for everything accumulated with atomic adds (one launch)
-    parts = {"du": b * pixels * inner, "dxd": b * pixels * 4 * f,
-             "dA": num_scales * 4 * inner * n, "dD": num_scales * 4 * inner,
-             "dE": num_scales * 4 * inner, "dW": num_scales * 4 * inner * rank,
-             "dconv_w": inner * 9, "dconv_b": inner, "dnorm_w": inner, "dnorm_b": inner,
-             "dfuse_b": inner}
-    flat = torch.zeros(sum(parts.values()), dtype=ct, device=xz.device)
-    g, start = {}, 0
-    for name, size in parts.items():
-        g[name] = flat[start:start + size]
-        start += size
+    flat = torch.zeros(sum(_grad_parts(b, pixels, inner, num_scales, n, f, rank).values()),
+                       dtype=ct, device=xz.device)
+    g = _split(flat, _grad_parts(b, pixels, inner, num_scales, n, f, rank))
 
     dxz = torch.empty_like(xz)
     npix = b * h * w
@@ -353,18 +424,18 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
         npix, inner, norm_eps, HAS_FUSE_BIAS=fuse_bias is not None, P=pix, IP=ip, CT=CT)
 
     if num_scales > 1:
-        fw = fuse_weight.to(dtype)
-        dcat = torch.mm(dfused.view(npix, inner), fw)
+        dcat = torch.mm(dfused.view(npix, inner), _as(fuse_weight, dtype))
         dfuse_w = torch.mm(dfused.view(npix, inner).t(), cat.view(npix, num_scales * inner))
+        dfuse_w = _as(dfuse_w, fuse_weight.dtype)
         coarse = b * (pixels - h * w)
         dys = torch.empty(coarse * inner, dtype=ct, device=xz.device)
-        pc = 32
-        cb = min(32, _pow2(inner))
+        span = _pow2(2 ** num_scales + 3)  # 2f + 3 candidates of the coarsest scale
+        pc, cb = 16, min(16, _pow2(inner))
         hs1, ws1 = sizes[1]
         kernels.merge_bwd_kernel[(-(-hs1 * ws1 // pc), b * -(-inner // cb), num_scales - 1)](
-            dcat, dys, b, h, w, inner, NUM_SCALES=num_scales, P=pc, CB=cb, CT=CT)
+            dcat, dys, b, h, w, inner, NUM_SCALES=num_scales, P=pc, CB=cb, SPAN=span, CT=CT)
     else:
-        dcat, dfuse_w, dys = dfused, None, dfused
+        dcat, dfuse_w, dys = dfused, xz.new_empty(0), dfused
 
     cbb = min(tiles.bwd_channels, _pow2(inner))
     kernels.scan_bwd_kernel[(b * 4 * -(-inner // cbb), num_scales)](
@@ -374,15 +445,17 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
         SERPENTINE=path == "serpentine", NUM_SCALES=num_scales,
         T=tiles.chunk, CB=cbb, NP=_pow2(n), RP=_pow2(rank), CT=CT, num_warps=tiles.bwd_warps)
 
-    dx_proj, start = [], 0
-    for (hs, ws), weight in zip(sizes, x_proj):  # x_dbl = xs @ W^T of every scale
-        rows = b * hs * ws
-        dxd = g["dxd"][start * 4 * f:(start + rows) * 4 * f].view(rows, 4 * f)
-        du = g["du"][start * inner:(start + rows) * inner].view(rows, inner)
-        du.addmm_(dxd, weight.to(ct).view(4 * f, inner))
-        xs_s = xs[start * inner:(start + rows) * inner].view(rows, inner)
-        dx_proj.append(torch.mm(dxd.t(), xs_s.to(ct)).view(weight.shape).to(weight.dtype))
-        start += rows
+    # x_dbl = xs @ W_s^T of every scale: du += d x_dbl @ W_s, dW_s = d x_dbl^T @ xs
+    _grouped_matmul(kernels, g["dxd"], x_proj, g["du"], b, h, w, 4 * f, inner,
+                    transpose_b=False, accumulate=True)
+    rc, br, bn, bk = 512, 32, min(64, max(16, _pow2(4 * f))), min(64, max(16, _pow2(inner)))
+    if ct == torch.float64:
+        br, bk = 16, 16
+    rows = [b * hs * ws for hs, ws in sizes]
+    kernels.grouped_weight_grad_kernel[(sum(-(-r // rc) for r in rows), -(-4 * f // bn),
+                                        -(-inner // bk))](
+        xs, g["dxd"], g["dXp"], b, h, w, inner, 4 * f, NUM_SCALES=num_scales, RC=rc, BR=br,
+        BN=bn, BK=bk, **_dot_args(kernels, ct, ct))
 
     tile, cb = _pyramid_tile(num_scales), min(32, _pow2(inner))
     grid = (-(-h // tile) * -(-w // tile), b, -(-inner // cb))
@@ -391,18 +464,7 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
         NUM_SCALES=num_scales, TILE=tile, CB=cb, CT=CT)
     kernels.pyramid_bwd_in_kernel[grid](
         g["du"], conv_weight, dxz, h, w, inner, c2, TILE=tile, CB=cb, CT=CT)
-
-    def per_scale(name, like):
-        return [g[name][s * t.numel():(s + 1) * t.numel()].view(t.shape).to(t.dtype)
-                for s, t in enumerate(like)]
-
-    def as_param(grad, param):
-        return None if param is None else grad.view(param.shape).to(param.dtype)
-
-    return (dxz, as_param(g["dconv_w"], conv_weight), as_param(g["dconv_b"], conv_bias), dx_proj,
-            per_scale("dW", dt_weight), per_scale("dE", dt_bias), per_scale("dA", A_log),
-            per_scale("dD", D), as_param(dfuse_w, fuse_weight), as_param(g["dfuse_b"], fuse_bias),
-            as_param(g["dnorm_w"], norm_weight), as_param(g["dnorm_b"], norm_bias))
+    return [dxz, flat, dfuse_w]
 
 
 _mssm_core_op.register_autograd(_backward, setup_context=_setup_context)

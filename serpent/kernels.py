@@ -379,11 +379,12 @@ def norm_gate_bwd_kernel(dout_ptr, f_ptr, fb_ptr, xz_ptr, nw_ptr, nb_ptr, df_ptr
 @triton.jit
 def merge_bwd_kernel(dcat_ptr, dy_ptr, batch, height, width, inner,
                      NUM_SCALES: tl.constexpr, P: tl.constexpr, CB: tl.constexpr,
-                     CT: tl.constexpr):
+                     SPAN: tl.constexpr, CT: tl.constexpr):
     """Adjoint of the bilinear upsampling of coarse scale s = program_id(2) + 1: for P coarse
     pixels q, dY[q] = sum over the fine pixels whose interpolation reads q of weight * d cat.
-    A gather over the (2f + 3)^2 fine candidates of each coarse pixel (f = 2^s) with the
-    forward's own index arithmetic: deterministic, no atomics."""
+    A gather over the (2f + 3) x (2f + 3) fine candidates of each coarse pixel (f = 2^s; SPAN, a
+    power of two >= 2f + 3 for the coarsest scale, columns at once) with the forward's own index
+    arithmetic: deterministic, no atomics."""
     s = tl.program_id(2) + 1
     hs, ws = _scale_pixels(height, width, s)
     q = tl.program_id(0) * P + tl.arange(0, P)
@@ -395,27 +396,26 @@ def merge_bwd_kernel(dcat_ptr, dy_ptr, batch, height, width, inner,
         mq = q < hs * ws
         qr = q // ws
         qc = q % ws
-        f = 1 << s
-        span = 2 * f + 3
-        # first fine row whose source row can reach qr - 1 (one row of margin)
+        span = 2 * (1 << s) + 3
+        # first fine row (column) whose source index can reach qr - 1 (one of margin)
         r_lo = tl.maximum(((qr.to(CT) - 0.5) * height.to(CT) / hs.to(CT) - 0.5).to(tl.int32) - 1, 0)
         c_lo = tl.maximum(((qc.to(CT) - 0.5) * width.to(CT) / ws.to(CT) - 0.5).to(tl.int32) - 1, 0)
+        j = tl.arange(0, SPAN)
+        c = c_lo[:, None] + j[None, :]  # (P, SPAN) candidate columns
+        c0, c1, lc = _source_index(c, ws, width, CT)
+        wc = tl.where(c0 == qc[:, None], 1.0 - lc, 0.0) + tl.where(c1 == qc[:, None], lc, 0.0)
+        wc = tl.where((c < width) & (j < span)[None, :] & mq[:, None], wc, 0.0)
         acc = tl.zeros((P, CB), CT)
         src = dcat_ptr + bi * height * width * (NUM_SCALES * inner) + s * inner
         for i in range(span):
             r = r_lo + i
             r0, r1, lr = _source_index(r, hs, height, CT)
             wr = tl.where(r0 == qr, 1.0 - lr, 0.0) + tl.where(r1 == qr, lr, 0.0)
-            wr = tl.where(r < height, wr, 0.0)
-            for j in range(span):
-                c = c_lo + j
-                c0, c1, lc = _source_index(c, ws, width, CT)
-                wc = tl.where(c0 == qc, 1.0 - lc, 0.0) + tl.where(c1 == qc, lc, 0.0)
-                wgt = wr * tl.where(c < width, wc, 0.0)
-                m = mq & (wgt != 0.0)
-                g = tl.load(src + (r * width + c).to(tl.int64)[:, None] * (NUM_SCALES * inner)
-                            + ch[None, :], mask=m[:, None] & mch[None, :], other=0).to(CT)
-                acc += wgt[:, None] * g
+            wgt = tl.where(r < height, wr, 0.0)[:, None] * wc  # (P, SPAN)
+            pix = (r[:, None] * width + c).to(tl.int64)
+            g = tl.load(src + pix[:, :, None] * (NUM_SCALES * inner) + ch[None, None, :],
+                        mask=(wgt != 0.0)[:, :, None] & mch[None, None, :], other=0).to(CT)
+            acc += tl.sum(wgt[:, :, None] * g, axis=1)
         # dY holds scales 1.. only: its offset is the scale offset minus scale 0's pixels
         dst = dy_ptr + (_scale_offset(height, width, batch, s, NUM_SCALES)
                         - batch * height * width + bi * hs * ws) * inner
@@ -611,3 +611,97 @@ def pyramid_bwd_in_kernel(dpre_ptr, w_ptr, dxz_ptr, height, width, inner, xz_str
     m2 = ((r < height) & (c < width))[:, None] & mch[None, :]
     tl.store(dxz_ptr + bi * height * width * xz_stride + (r * width + c)[:, None] * xz_stride
              + ch[None, :], acc, mask=m2)
+
+
+# --------------------------------------------------------------------------- x_proj of all scales
+
+
+@triton.jit
+def _scale_rows(pid, batch, height, width, BM: tl.constexpr, NUM_SCALES: tl.constexpr):
+    """Row tile `pid` of the stacked scales (rows of scale s: batch * l_s pixels, tiles never
+    straddle scales) -> (scale, tile within it, rows of the scale, first row of the scale)."""
+    s = 0
+    tile = pid
+    rows = 0
+    start = tl.zeros((), tl.int64)
+    t = pid
+    first = tl.zeros((), tl.int64)
+    for j in tl.static_range(NUM_SCALES):
+        hj = (height + (1 << j) - 1) >> j
+        wj = (width + (1 << j) - 1) >> j
+        rows_j = batch * hj * wj
+        tiles_j = tl.cdiv(rows_j, BM)
+        here = (t >= 0) & (t < tiles_j)
+        s = tl.where(here, j, s)
+        tile = tl.where(here, t, tile)
+        rows = tl.where(here, rows_j, rows)
+        start = tl.where(here, first, start)
+        t -= tiles_j
+        first += rows_j
+    return s, tile, rows, start
+
+
+@triton.jit
+def _dot(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    if USE_DOT:
+        return tl.dot(a, b, input_precision=PRECISION)
+    else:  # float64: a broadcast product (tests only)
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def grouped_matmul_kernel(a_ptr, b0, b1, b2, b3, c_ptr, batch, height, width, K, N,
+                          stride_bk, stride_bn, ACCUMULATE: tl.constexpr,
+                          NUM_SCALES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                          CT: tl.constexpr):
+    """C[rows of s] (+)= A[rows of s] @ B_s for every pyramid scale s in one launch (x_proj of
+    all scales: A = xs, B_s = x_proj_s^T; its input gradient: A = d x_dbl, B_s = x_proj_s).
+    A and C row-major (rows, K) and (rows, N); B_s elements at k * stride_bk + n * stride_bn,
+    rounded to A's dtype (the unfused model multiplies in the activation dtype). Products in CT:
+    16-bit values are exact in TF32, so PRECISION="tf32" is then a bf16 GEMM's arithmetic."""
+    s, tile, rows, start = _scale_rows(tl.program_id(0), batch, height, width, BM, NUM_SCALES)
+    b_ptr = _pick(s, b0, b1, b2, b3)
+    rm = tile * BM + tl.arange(0, BM)
+    mm = rm < rows
+    grow = start + rm
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mn = rn < N
+    acc = tl.zeros((BM, BN), CT)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        mk = rk < K
+        a = tl.load(a_ptr + grow[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=mk[:, None] & mn[None, :], other=0).to(a_ptr.dtype.element_ty)
+        acc += _dot(a.to(CT), b.to(CT), USE_DOT, PRECISION)
+    dst = c_ptr + grow[:, None] * N + rn[None, :]
+    m2 = mm[:, None] & mn[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dst, mask=m2, other=0).to(CT)
+    tl.store(dst, acc, mask=m2)
+
+
+@triton.jit
+def grouped_weight_grad_kernel(x_ptr, g_ptr, dw_ptr, batch, height, width, K, N,
+                               NUM_SCALES: tl.constexpr, RC: tl.constexpr, BR: tl.constexpr,
+                               BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+                               PRECISION: tl.constexpr, CT: tl.constexpr):
+    """dW_s (N, K) += G[rows of s]^T @ X[rows of s] over a chunk of RC rows (atomic adds across
+    chunks): the x_proj weight gradient of every scale in one launch, X = xs, G = d x_dbl."""
+    s, tile, rows, start = _scale_rows(tl.program_id(0), batch, height, width, RC, NUM_SCALES)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mn = rn < N
+    rk = tl.program_id(2) * BK + tl.arange(0, BK)
+    mk = rk < K
+    acc = tl.zeros((BN, BK), CT)
+    for r0 in range(0, RC, BR):
+        rr = tile * RC + r0 + tl.arange(0, BR)
+        mr = rr < rows
+        grow = start + rr
+        g = tl.load(g_ptr + grow[:, None] * N + rn[None, :], mask=mr[:, None] & mn[None, :], other=0)
+        x = tl.load(x_ptr + grow[:, None] * K + rk[None, :], mask=mr[:, None] & mk[None, :],
+                    other=0).to(CT)
+        acc += _dot(tl.trans(g.to(CT)), x, USE_DOT, PRECISION)
+    tl.atomic_add(dw_ptr + s * N * K + rn[:, None] * K + rk[None, :], acc,
+                  mask=mn[:, None] & mk[None, :])

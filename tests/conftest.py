@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (serpent/kernels.py) run on CPU tensors through Triton's
+# interpreter. It must be chosen before triton is first imported: triton.language's own jit
+# helpers are interpreted only when defined in interpreter mode. Nothing else runs Triton here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # One intra-op thread: on a shared 2-core machine, OpenMP's spinning threads made small ops up to
 # 50x slower whenever another process held a core; one thread keeps the suite's time stable.

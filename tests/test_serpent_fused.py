@@ -1,0 +1,290 @@
+"""Fused mixer core (serpent.fused, serpent.kernels) on the CPU through Triton's interpreter.
+
+Against independent references: the unfused MSSM with the float64 sequential scan (forward and
+every gradient, < 1e-10), today's whole model in float32 (< 1e-5), torch.compile(fullgraph)
+against eager, the kernel launches of one serpent_s forward and training step (a budget a later
+change cannot silently exceed), and the FLOP formula against the counters' count of the unfused
+graph. The interpreter runs every Triton program in Python: shapes stay tiny.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from serpent import fused, scan
+from serpent.model import CONFIGS, MSSM, Serpent
+
+pytest.importorskip("triton")
+
+TINY = dict(embed_dim=8, depths=(1, 1), dec_depths=(1,), num_scales=2, d_state=4)
+INFER_BUDGET, TRAIN_BUDGET = 200, 550  # launches of a serpent_s forward / training step
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter (conftest.py)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_tiles():
+    """Small scan tiles (chunks of 16 steps, 2 channels per program): sequences span several
+    chunks and channels several programs, and the interpreter stays fast."""
+    saved = os.environ.get("SERPENT_SCAN_TILES")
+    os.environ["SERPENT_SCAN_TILES"] = "16,2,2,1,1"
+    yield
+    if saved is None:
+        os.environ.pop("SERPENT_SCAN_TILES")
+    else:
+        os.environ["SERPENT_SCAN_TILES"] = saved
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def mssm_pair(*, dim=2, d_state=2, num_scales=3, path="serpentine", dtype=torch.float64,
+              reference="sequential", seed=0):
+    """(fused, unfused reference) MSSM with identical, perturbed (not just initial) weights."""
+    torch.manual_seed(seed)
+    ref = MSSM(dim=dim, d_state=d_state, num_scales=num_scales, scan_path=path,
+               scan_backend=reference).to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    out = MSSM(dim=dim, d_state=d_state, num_scales=num_scales, scan_path=path,
+               scan_backend="triton").to(dtype)
+    out.load_state_dict(ref.state_dict())
+    return out, ref
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("shape,num_scales,path", [
+    ((1, 5, 7), 3, "serpentine"),  # odd sizes: partial pooling windows, clamped interpolation
+    ((2, 6, 4), 2, "raster"),      # batch 2, raster seams
+    ((1, 1, 6), 1, "serpentine"),  # one row: columns are single steps; no pyramid, no fuse
+])
+def test_fused_core_matches_unfused_float64(shape, num_scales, path):
+    """Output and every gradient (input and all parameters of the mixer) against the unfused
+    MSSM whose scan is the float64 sequential loop: the same function to rounding."""
+    fast, ref = mssm_pair(num_scales=num_scales, path=path)
+    x = torch.randn(*shape, 2, dtype=torch.float64, requires_grad=True)
+    scan.reset_used_backends()
+    y = fast(x)
+    y_ref = ref(x)
+    assert rel(y, y_ref) < 1e-10
+    grad_out = torch.randn_like(y_ref)
+    names = ["input"] + [n for n, _ in ref.named_parameters()]
+    grads = torch.autograd.grad(y, [x, *fast.parameters()], grad_out)
+    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], grad_out)
+    assert scan.used_backends() == {"triton", "sequential"}
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert g.dtype == g_ref.dtype and rel(g, g_ref) < 1e-10, name
+
+
+def test_whole_model_matches_todays_path_float32():
+    """A tiny Serpent, fp32: the fused path against today's unfused path (chunked scan)."""
+    torch.manual_seed(0)
+    ref = Serpent(**TINY, scan_backend="chunked").eval()
+    fast = Serpent(**TINY, scan_backend="triton").eval()
+    fast.load_state_dict(ref.state_dict())  # the same parameters and keys
+    x = torch.rand(1, 3, 16, 20)
+    with torch.inference_mode():
+        assert rel(fast(x), ref(x)) < 1e-5
+
+
+def test_bf16_inputs_keep_their_dtype_and_stay_close():
+    """Activations in bf16 (as under autocast): output in bf16, rounded where today's path
+    rounds, close to the float64 reference."""
+    fast, ref = mssm_pair(num_scales=2)
+    x = torch.randn(1, 4, 6, 2, dtype=torch.float64)
+    fast.float()
+    xz = fast.in_proj(x.float()).bfloat16()
+    with torch.no_grad():
+        y = fast._fused_core(xz)
+        assert y.dtype == torch.bfloat16
+        y_ref = _unfused_core(ref, xz.double())
+    assert rel(y.double(), y_ref) < 2e-2
+
+
+def _unfused_core(mixer, xz):
+    """MSSM.forward between in_proj and out_proj (the unfused path)."""
+    out_proj = mixer.out_proj
+    in_proj = mixer.in_proj
+    try:
+        mixer.in_proj = torch.nn.Identity()
+        mixer.out_proj = torch.nn.Identity()
+        return mixer(xz)
+    finally:
+        mixer.in_proj, mixer.out_proj = in_proj, out_proj
+
+
+def test_compile_fullgraph_traces_the_fused_op_and_matches_eager():
+    """torch.compile(fullgraph=True) with the op's fake implementation and autograd formula
+    (aot_eager: no Inductor codegen on this machine); forward and gradients equal to eager."""
+    torch._dynamo.reset()
+    fast, _ = mssm_pair(num_scales=2, dtype=torch.float32)
+    x = torch.randn(1, 4, 3, 2, requires_grad=True)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    y, y_eager = compiled(x), fast(x)
+    torch.testing.assert_close(y, y_eager)
+    g = torch.autograd.grad(y.sum(), [x, fast.ssms[1].A_logs])
+    g_eager = torch.autograd.grad(y_eager.sum(), [x, fast.ssms[1].A_logs])
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_fake_tensors_give_shapes_and_run_nothing():
+    fast, _ = mssm_pair(num_scales=3, dtype=torch.float32)
+    with torch.device("meta"):
+        x = torch.empty(2, 9, 11, 2)
+    fast.to("meta")
+    scan.reset_used_backends()
+    y = fast(x)
+    assert y.shape == (2, 9, 11, 2) and y.device.type == "meta"
+    assert scan.used_backends() == set()
+
+
+# --------------------------------------------------------------------------- backend selection
+
+
+def test_backend_selection_is_explicit():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fused.use_fused("triton", cpu, torch.float32, 3)
+    assert not fused.use_fused("auto", cpu, torch.float32, 3)  # CPU: chunked scan
+    assert not fused.use_fused("mamba", cuda, torch.float32, 3)  # the unfused path
+    assert fused.use_fused("auto", cuda, torch.float32, 3) == fused.TRITON_INSTALLED
+    assert not fused.use_fused("auto", cuda, torch.float32, fused.MAX_SCALES + 1)
+
+
+def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    fast, _ = mssm_pair(num_scales=1, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="runs on CUDA"):
+        fast(torch.randn(1, 2, 2, 2))
+
+
+# --------------------------------------------------------------------------- launches
+
+
+_NO_KERNEL = {  # ATen ops that launch no CUDA kernel: views, allocation, metadata
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "slice", "select",
+    "unsqueeze", "squeeze", "as_strided", "detach", "alias", "split", "split_with_sizes",
+    "chunk", "unbind", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+    "lift_fresh", "_reshape_alias", "narrow", "unflatten", "flatten", "view_as", "expand_as",
+    "_has_compatible_shallow_copy_type",
+}
+
+
+class LaunchCount(TorchDispatchMode):
+    """Counts ATen ops that launch a kernel (each at least one on CUDA) plus Triton launches.
+    Deterministic and device-free; the GPU benchmark counts real kernels with torch.profiler."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.split("::")[-1] not in _NO_KERNEL and not name.startswith("serpent::"):
+            self.counter[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def counted_launches(monkeypatch):
+    """Triton kernels replaced by counters (their outputs stay uninitialised: only the number of
+    launches is looked at) and the op's implementation counted from inside."""
+    counter = collections.Counter()
+    kernels = importlib.import_module("serpent.kernels")
+    for name in dir(kernels):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(kernels, name, _CountedKernel(counter, "triton::" + name))
+    for impl in ("_forward", "_backward_impl"):
+        original = getattr(fused, impl)
+
+        def counted(*args, _original=original, **kwargs):
+            with LaunchCount(counter):
+                return _original(*args, **kwargs)
+
+        monkeypatch.setattr(fused, impl, counted)
+    return counter
+
+
+class _CountedKernel:
+    def __init__(self, counter, name):
+        self.counter, self.name = counter, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counter[self.name] += 1
+        return launch
+
+
+def count(counter, fn):
+    counter.clear()
+    with LaunchCount(counter):
+        fn()
+    return sum(counter.values()), collections.Counter(counter)
+
+
+def test_serpent_s_kernel_launch_budget(counted_launches):
+    """Kernel-launching ops of one serpent_s forward (inference, fp32) and training step
+    (forward + backward), counted as the GPU would launch them. Today's unfused path: 544 ATen
+    ops in an inference forward (~930 CUDA kernels on an H200, issue #12). The Triton part is
+    exact: per Serpent block 5 launches forward (pyramid, x_proj of all scales, scan, merge,
+    norm/gate) and 7 backward; the budgets leave a few launches of slack."""
+    torch.manual_seed(0)
+    model = Serpent(**CONFIGS["serpent_s"], scan_backend="triton")
+    x = torch.rand(1, 3, 64, 64)
+    blocks = 12
+    model.eval()
+    with torch.no_grad():
+        n_infer, ops = count(counted_launches, lambda: model(x))
+    print("inference forward", n_infer, dict(ops))
+    assert sum(v for k, v in ops.items() if k.startswith("triton::")) == 5 * blocks
+    assert "aten::gather" not in ops and "aten::upsample_bilinear2d" not in ops
+    assert n_infer <= INFER_BUDGET, ops
+    model.train()
+    n_step, ops = count(counted_launches, lambda: model(x).sum().backward())
+    print("training step", n_step, dict(ops))
+    assert sum(v for k, v in ops.items() if k.startswith("triton::")) == (5 + 7) * blocks
+    assert n_step <= TRAIN_BUDGET, ops
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def test_flop_formula_equals_the_counters_on_the_unfused_graph():
+    """mssm_core_macs (the handle bench/flops.py needs for serpent::mssm_core) equals what the
+    counters count for the unfused mixer core, category by category, on meta tensors."""
+    from bench import flops as bench_flops
+
+    for dim, scales, hw in ((32, 3, (64, 48)), (48, 2, (17, 9)), (16, 1, (8, 8))):
+        with torch.device("meta"):
+            mixer = MSSM(dim=dim, num_scales=scales, scan_backend="chunked")
+        inner = mixer.dwconv.weight.shape[0]
+        core = _Core(mixer)
+        counted = bench_flops.count_flops(core, (1, *hw, 2 * inner))
+        expected = fused.mssm_core_macs(1, *hw, inner, scales, 16, mixer.ssms[0].dt_rank)
+        got = {k: v * 1e9 for k, v in counted.by_category_gmacs.items()}
+        for key, macs in expected.items():
+            assert got.get(key, 0) == pytest.approx(macs, rel=1e-12), (key, dim, scales)
+        torch_macs = sum(v for k, v in expected.items() if k in ("conv", "matmul", "selective_scan"))
+        assert counted.gflops_torch * 1e9 == pytest.approx(2 * torch_macs, rel=1e-12)
+
+
+class _Core(torch.nn.Module):
+    """The unfused MSSM between in_proj and out_proj, for counting."""
+
+    def __init__(self, mixer):
+        super().__init__()
+        self.mixer = mixer
+
+    def forward(self, xz):
+        return _unfused_core(self.mixer, xz)
