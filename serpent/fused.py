@@ -105,13 +105,17 @@ def mssm_core_macs(b: int, h: int, w: int, inner: int, num_scales: int, d_state:
     conv = the depthwise 3x3 conv; matmul = x_proj and dt_proj of every scale (4 directions)
     and the fuse projection; selective_scan = VMamba's formula per scale (4*inner channels, D
     skip, no z); upsample = 4 per output element of each bilinear interpolation (fvcore's
-    convention, FlopCounterMode counts none); norm = 5 per element of the LayerNorm (fvcore)."""
+    convention, FlopCounterMode counts none); norm = 5 per element of the LayerNorm (fvcore).
+    With dt_rank 1 (serpent_t's first level) the unfused dt_proj einsum contracts a dimension
+    of size 1, which torch.einsum runs as a broadcast multiply that neither counter counts: so
+    its multiply-adds are left out here too, to keep the reported counts unchanged."""
     macs = {"conv": b * inner * h * w * 9, "matmul": 0, "selective_scan": 0, "upsample": 0,
             "norm": 5 * b * h * w * inner}
     for s, (hs, ws) in enumerate(_scale_sizes(h, w, num_scales)):
         length = hs * ws
         macs["matmul"] += b * length * inner * 4 * (dt_rank + 2 * d_state)  # x_proj
-        macs["matmul"] += b * length * 4 * inner * dt_rank  # dt_proj
+        if dt_rank > 1:
+            macs["matmul"] += b * length * 4 * inner * dt_rank  # dt_proj
         macs["selective_scan"] += scan.selective_scan_macs(b, 4 * inner, length, d_state, True,
                                                            False)
         if s:

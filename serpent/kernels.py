@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 
 MAX_SCALES = 4  # pyramid scales one launch handles (parameter pointers per scale)
+# Shape arguments are not specialised (Triton would compile a variant for every size divisible
+# by 16 or equal to 1): one compilation per kernel and dtype serves every resolution.
 
 
 # --------------------------------------------------------------------------- helpers
@@ -127,7 +129,7 @@ def _silu_grad(x):
 # --------------------------------------------------------------------------- forward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("batch", "height", "width", "inner", "xz_stride"))
 def pyramid_fwd_kernel(xz_ptr, w_ptr, b_ptr, xs_ptr, batch, height, width, inner, xz_stride,
                        NUM_SCALES: tl.constexpr, TILE: tl.constexpr, CB: tl.constexpr,
                        CT: tl.constexpr):
@@ -183,7 +185,7 @@ def pyramid_fwd_kernel(xz_ptr, w_ptr, b_ptr, xs_ptr, batch, height, width, inner
                      mask=mq[:, None] & mch[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("batch", "height", "width", "inner", "R", "N"))
 def scan_fwd_kernel(xs_ptr, xdbl_ptr, y_ptr, state_ptr,
                     A0, A1, A2, A3, D0, D1, D2, D3, W0, W1, W2, W3, E0, E1, E2, E3,
                     batch, height, width, inner, R, N,
@@ -280,7 +282,7 @@ def _source_index(dst, in_size, out_size, CT: tl.constexpr):
     return i0, i1, src - i0.to(CT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("batch", "height", "width", "inner"))
 def merge_fwd_kernel(y_ptr, cat_ptr, batch, height, width, inner,
                      NUM_SCALES: tl.constexpr, P: tl.constexpr, CB: tl.constexpr,
                      CT: tl.constexpr):
@@ -312,7 +314,7 @@ def merge_fwd_kernel(y_ptr, cat_ptr, batch, height, width, inner,
         tl.store(cat_row + s * inner, v, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("npix", "inner"))
 def norm_gate_fwd_kernel(f_ptr, fb_ptr, xz_ptr, nw_ptr, nb_ptr, out_ptr, npix, inner, eps,
                          HAS_FUSE_BIAS: tl.constexpr, P: tl.constexpr, IP: tl.constexpr,
                          CT: tl.constexpr):
@@ -338,7 +340,7 @@ def norm_gate_fwd_kernel(f_ptr, fb_ptr, xz_ptr, nw_ptr, nb_ptr, out_ptr, npix, i
 # --------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("npix", "inner"))
 def norm_gate_bwd_kernel(dout_ptr, f_ptr, fb_ptr, xz_ptr, nw_ptr, nb_ptr, df_ptr, dxz_ptr,
                          dnw_ptr, dnb_ptr, dfb_ptr, npix, inner, eps,
                          HAS_FUSE_BIAS: tl.constexpr, P: tl.constexpr, IP: tl.constexpr,
@@ -376,7 +378,7 @@ def norm_gate_bwd_kernel(dout_ptr, f_ptr, fb_ptr, xz_ptr, nw_ptr, nb_ptr, df_ptr
         tl.atomic_add(dfb_ptr + ch, tl.sum(dv, axis=0), mask=mch)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("batch", "height", "width", "inner"))
 def merge_bwd_kernel(dcat_ptr, dy_ptr, batch, height, width, inner,
                      NUM_SCALES: tl.constexpr, P: tl.constexpr, CB: tl.constexpr,
                      SPAN: tl.constexpr, CT: tl.constexpr):
@@ -416,13 +418,13 @@ def merge_bwd_kernel(dcat_ptr, dy_ptr, batch, height, width, inner,
             g = tl.load(src + pix[:, :, None] * (NUM_SCALES * inner) + ch[None, None, :],
                         mask=(wgt != 0.0)[:, :, None] & mch[None, None, :], other=0).to(CT)
             acc += tl.sum(wgt[:, :, None] * g, axis=1)
-        # dY holds scales 1.. only: its offset is the scale offset minus scale 0's pixels
+        # dY holds scales 1.. only: its offset is the scale offset minus scale 0"s pixels
         dst = dy_ptr + (_scale_offset(height, width, batch, s, NUM_SCALES)
                         - batch * height * width + bi * hs * ws) * inner
         tl.store(dst + q[:, None] * inner + ch[None, :], acc, mask=mq[:, None] & mch[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("batch", "height", "width", "inner", "R", "N"))
 def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
                     du_ptr, dxdbl_ptr, dA_ptr, dD_ptr, dE_ptr, dW_ptr,
                     A0, A1, A2, A3, D0, D1, D2, D3, W0, W1, W2, W3, E0, E1, E2, E3,
@@ -538,14 +540,14 @@ def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
     tl.atomic_add(dW_ptr + s * 4 * inner * R + pc[:, None] * R + rr[None, :], dW_acc, mask=m_cr)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("batch", "height", "width", "inner", "xz_stride"))
 def pyramid_bwd_pre_kernel(xz_ptr, w_ptr, b_ptr, du_ptr, dw_ptr, db_ptr,
                            batch, height, width, inner, xz_stride,
                            NUM_SCALES: tl.constexpr, TILE: tl.constexpr, CB: tl.constexpr,
                            CT: tl.constexpr):
     """d pre-activation of the depthwise conv, in place over du of scale 0: du of every scale
     pulled back through its average pool (each pixel gets d pooled / window size), times
-    SiLU'(pre) with pre recomputed; plus conv weight / bias gradients (atomic adds)."""
+    SiLU"(pre) with pre recomputed; plus conv weight / bias gradients (atomic adds)."""
     pid_t = tl.program_id(0)
     bi = tl.program_id(1).to(tl.int64)
     ch = tl.program_id(2) * CB + tl.arange(0, CB)
@@ -587,7 +589,7 @@ def pyramid_bwd_pre_kernel(xz_ptr, w_ptr, b_ptr, du_ptr, dw_ptr, db_ptr,
         tl.atomic_add(dw_ptr + ch * 9 + tap, tl.sum(dpre * v, axis=0), mask=mch)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("height", "width", "inner", "xz_stride"))
 def pyramid_bwd_in_kernel(dpre_ptr, w_ptr, dxz_ptr, height, width, inner, xz_stride,
                           TILE: tl.constexpr, CB: tl.constexpr, CT: tl.constexpr):
     """d x (the x half of dxz) = transposed depthwise 3x3 conv of d pre (zero padding)."""
@@ -649,7 +651,7 @@ def _dot(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("batch", "height", "width", "K", "N", "stride_bk", "stride_bn"))
 def grouped_matmul_kernel(a_ptr, b0, b1, b2, b3, c_ptr, batch, height, width, K, N,
                           stride_bk, stride_bn, ACCUMULATE: tl.constexpr,
                           NUM_SCALES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -658,8 +660,8 @@ def grouped_matmul_kernel(a_ptr, b0, b1, b2, b3, c_ptr, batch, height, width, K,
     """C[rows of s] (+)= A[rows of s] @ B_s for every pyramid scale s in one launch (x_proj of
     all scales: A = xs, B_s = x_proj_s^T; its input gradient: A = d x_dbl, B_s = x_proj_s).
     A and C row-major (rows, K) and (rows, N); B_s elements at k * stride_bk + n * stride_bn,
-    rounded to A's dtype (the unfused model multiplies in the activation dtype). Products in CT:
-    16-bit values are exact in TF32, so PRECISION="tf32" is then a bf16 GEMM's arithmetic."""
+    rounded to A"s dtype (the unfused model multiplies in the activation dtype). Products in CT:
+    16-bit values are exact in TF32, so PRECISION="tf32" is then a bf16 GEMM"s arithmetic."""
     s, tile, rows, start = _scale_rows(tl.program_id(0), batch, height, width, BM, NUM_SCALES)
     b_ptr = _pick(s, b0, b1, b2, b3)
     rm = tile * BM + tl.arange(0, BM)
@@ -682,7 +684,7 @@ def grouped_matmul_kernel(a_ptr, b0, b1, b2, b3, c_ptr, batch, height, width, K,
     tl.store(dst, acc, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("batch", "height", "width", "K", "N"))
 def grouped_weight_grad_kernel(x_ptr, g_ptr, dw_ptr, batch, height, width, K, N,
                                NUM_SCALES: tl.constexpr, RC: tl.constexpr, BR: tl.constexpr,
                                BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
