@@ -99,6 +99,22 @@ def _pixel(t, k, hs, ws, SERPENTINE: tl.constexpr):
 
 
 @triton.jit
+def _chunk_inputs(t, k, hs, ws, xs_base, xd_base, inner, ch, mch, n, mn, rr, mr, R, N, F4,
+                  SERPENTINE: tl.constexpr, CT: tl.constexpr):
+    """Pixels, validity and the scan inputs of steps t of direction k: u (T, CB) from xs, and
+    dt (T, RP), B (T, NP), C (T, NP) from the direction's block of x_dbl."""
+    valid = (t >= 0) & (t < hs * ws)
+    p = _pixel(t, k, hs, ws, SERPENTINE)
+    mt = valid[:, None]
+    u = tl.load(xs_base + p[:, None] * inner + ch[None, :], mask=mt & mch[None, :], other=0).to(CT)
+    drow = xd_base + p[:, None] * F4
+    dt = tl.load(drow + rr[None, :], mask=mt & mr[None, :], other=0).to(CT)
+    Bm = tl.load(drow + R + n[None, :], mask=mt & mn[None, :], other=0).to(CT)
+    Cm = tl.load(drow + R + N + n[None, :], mask=mt & mn[None, :], other=0).to(CT)
+    return p, valid, u, dt, Bm, Cm
+
+
+@triton.jit
 def _softplus(x):
     """log(1 + exp(x)) without overflow; log1p by the compensated log (serpent.scan._softplus)."""
     e = tl.exp(-tl.abs(x))
@@ -237,17 +253,15 @@ def scan_fwd_kernel(xs_ptr, xdbl_ptr, y_ptr, state_ptr,
 
     rows = tl.arange(0, T)
     h = tl.zeros((CB, NP), CT)
+    # software pipelining by hand: the next chunk's loads are issued before this chunk's
+    # arithmetic, so their latency overlaps it (the loads past the end are masked off)
+    p, valid, u, dt, Bm, Cm = _chunk_inputs(rows, k, hs, ws, xs_base, xd_base, inner, ch, mch, n,
+                                            mn, rr, mr, R, N, F4, SERPENTINE, CT)
     for c in range(nch):
-        t = c * T + rows
-        valid = t < length
-        p = _pixel(t, k, hs, ws, SERPENTINE)
+        p_next, valid_next, u_next, dt_next, B_next, C_next = _chunk_inputs(
+            (c + 1) * T + rows, k, hs, ws, xs_base, xd_base, inner, ch, mch, n, mn, rr, mr, R, N,
+            F4, SERPENTINE, CT)
         mt = valid[:, None]
-        u = tl.load(xs_base + p[:, None] * inner + ch[None, :], mask=mt & mch[None, :],
-                    other=0).to(CT)
-        drow = xd_base + p[:, None] * F4
-        dt = tl.load(drow + rr[None, :], mask=mt & mr[None, :], other=0).to(CT)
-        Bm = tl.load(drow + R + n[None, :], mask=mt & mn[None, :], other=0).to(CT)
-        Cm = tl.load(drow + R + N + n[None, :], mask=mt & mn[None, :], other=0).to(CT)
         # dt_proj rounds to the activation dtype in the unfused model (its einsum output)
         dtp = tl.sum(dt[:, None, :] * Wdt[None, :, :], axis=2).to(xdbl_ptr.dtype.element_ty).to(CT)
         delta = tl.where(mt, _softplus(dtp + bias[None, :]), 0.0)
@@ -260,6 +274,7 @@ def scan_fwd_kernel(xs_ptr, xdbl_ptr, y_ptr, state_ptr,
         y = tl.sum(hh * Cm[:, None, :], axis=2) + Dv[None, :] * u
         tl.store(y_base + p[:, None] * inner + ch[None, :], y, mask=mt & mch[None, :])
         h = tl.sum(tl.where((rows == T - 1)[:, None, None], hh, 0.0), axis=0)
+        p, valid, u, dt, Bm, Cm = p_next, valid_next, u_next, dt_next, B_next, C_next
 
 
 @triton.jit
@@ -487,19 +502,18 @@ def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
     dD_acc = tl.zeros((CB,), CT)
     dE_acc = tl.zeros((CB,), CT)
     dW_acc = tl.zeros((CB, RP), CT)
+    # chunks in reverse time order; the next one's inputs are loaded ahead (as in forward)
+    p, valid, u, dt, Bm, Cm = _chunk_inputs((nch - 1) * T + rows, k, hs, ws, xs_base, xd_base,
+                                            inner, ch, mch, n, mn, rr, mr, R, N, 4 * F,
+                                            SERPENTINE, CT)
     for ci in range(nch):
         c = nch - 1 - ci
-        t = c * T + rows
-        valid = t < length
-        p = _pixel(t, k, hs, ws, SERPENTINE)
+        p_next, valid_next, u_next, dt_next, B_next, C_next = _chunk_inputs(
+            (c - 1) * T + rows, k, hs, ws, xs_base, xd_base, inner, ch, mch, n, mn, rr, mr, R, N,
+            4 * F, SERPENTINE, CT)
         mt = valid[:, None]
         m_tc = mt & mch[None, :]
         m_tn = mt & mn[None, :]
-        u = tl.load(xs_base + p[:, None] * inner + ch[None, :], mask=m_tc, other=0).to(CT)
-        drow = xd_base + p[:, None] * 4 * F
-        dt = tl.load(drow + rr[None, :], mask=mt & mr[None, :], other=0).to(CT)
-        Bm = tl.load(drow + R + n[None, :], mask=m_tn, other=0).to(CT)
-        Cm = tl.load(drow + R + N + n[None, :], mask=m_tn, other=0).to(CT)
         if s == 0:
             dy = tl.load(dcat_base + p[:, None] * (NUM_SCALES * inner) + ch[None, :], mask=m_tc,
                          other=0).to(CT)
@@ -533,6 +547,7 @@ def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
                       mask=mt & mr[None, :])
         tl.atomic_add(dxrow + R + n[None, :], tl.sum(g * du_[:, :, None], axis=1), mask=m_tn)
         tl.atomic_add(dxrow + R + N + n[None, :], tl.sum(h * dy[:, :, None], axis=1), mask=m_tn)
+        p, valid, u, dt, Bm, Cm = p_next, valid_next, u_next, dt_next, B_next, C_next
     # parameter gradients of scale s: (A_log, D, dt_b, dt_w) stacked per scale, atomic over batch
     tl.atomic_add(dA_ptr + s * 4 * inner * N + pc[:, None] * N + n[None, :], dA_acc * A, mask=m_cn)
     tl.atomic_add(dD_ptr + s * 4 * inner + pc, dD_acc, mask=mch)
