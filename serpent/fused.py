@@ -247,6 +247,19 @@ def _grouped_matmul(kernels, a, weights, c, b, h, w, k, n, *, transpose_b, accum
         **_dot_args(kernels, _compute_dtype(a.dtype), a.dtype))
 
 
+def _weight_grad(kernels, x, g, dw, b, h, w, k, n, num_scales):
+    """dw[s] (n, k) += g[rows of s]^T @ x[rows of s] for every scale, one launch (atomic adds
+    into the zeroed gradient buffer: chunks of 512 rows per program)."""
+    ct = _compute_dtype(x.dtype)
+    rc, br = 512, 16 if ct == torch.float64 else 32
+    bn = min(64, max(16, _pow2(n)))
+    bk = 16 if ct == torch.float64 else min(64, max(16, _pow2(k)))
+    rows = [b * hs * ws for hs, ws in _scale_sizes(h, w, num_scales)]
+    kernels.grouped_weight_grad_kernel[(sum(-(-r // rc) for r in rows), -(-n // bn), -(-k // bk))](
+        x, g, dw, b, h, w, k, n, NUM_SCALES=num_scales, RC=rc, BR=br, BN=bn, BK=bk,
+        **_dot_args(kernels, ct, ct))
+
+
 def _pyramid_tile(num_scales: int) -> int:
     return max(8, 2 ** (num_scales - 1))
 
@@ -288,9 +301,10 @@ def _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_
     kernels.merge_fwd_kernel[(-(-h * w // pix), b, -(-inner // cb))](
         ydir, cat, b, h, w, inner, NUM_SCALES=num_scales, P=pix, CB=cb, CT=CT)
 
-    if num_scales > 1:  # bias added in fp32 by the norm kernel
-        fused = torch.mm(cat.view(-1, num_scales * inner), _as(fuse_weight, dtype).t())
-        fused = fused.view(b, h, w, inner)
+    if num_scales > 1:  # the fuse projection (its bias is added in fp32 by the norm kernel)
+        fused = xz.new_empty(b, h, w, inner)
+        _grouped_matmul(kernels, cat, [fuse_weight], fused, b, h, w, num_scales * inner, inner,
+                        transpose_b=True)
     else:
         fused = cat
     out = xz.new_empty(b, h, w, inner)
@@ -323,7 +337,8 @@ def _grad_parts(b, pixels, inner, num_scales, n, f, rank) -> dict[str, int]:
             "dA": num_scales * 4 * inner * n, "dD": num_scales * 4 * inner,
             "dE": num_scales * 4 * inner, "dW": num_scales * 4 * inner * rank,
             "dXp": num_scales * 4 * f * inner, "dconv_w": inner * 9, "dconv_b": inner,
-            "dnorm_w": inner, "dnorm_b": inner, "dfuse_b": inner}
+            "dnorm_w": inner, "dnorm_b": inner, "dfuse_b": inner,
+            "dfuse_w": num_scales * inner * inner if num_scales > 1 else 0}
 
 
 def _split(flat: Tensor, parts: dict[str, int]) -> dict[str, Tensor]:
@@ -341,8 +356,8 @@ def _mssm_core_backward_op(dout: Tensor, xz: Tensor, conv_weight: Tensor, conv_b
                            fuse_bias: Optional[Tensor], x_proj: list[Tensor],
                            dt_weight: list[Tensor], dt_bias: list[Tensor], A_log: list[Tensor],
                            D: list[Tensor], norm_eps: float, path: str) -> list[Tensor]:
-    """[d xz, the flat gradient buffer (`_grad_parts`), d fuse_weight]: its own op so that
-    AOTAutograd (torch.compile) traces the backward as one opaque node too."""
+    """[d xz, the flat gradient buffer (`_grad_parts`)]: its own op so that AOTAutograd
+    (torch.compile) traces the backward as one opaque node too."""
     scan._USED.add(BACKEND)
     kernels = importlib.import_module("serpent.kernels")
     with torch.autocast(xz.device.type, enabled=False):
@@ -359,8 +374,7 @@ def _(dout, xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weig
     n, f = A_log[0].shape[-1], x_proj[0].shape[1]
     pixels = sum(hs * ws for hs, ws in _scale_sizes(h, w, num_scales))
     flat = sum(_grad_parts(b, pixels, inner, num_scales, n, f, f - 2 * n).values())
-    dfuse = (xz.new_empty(fuse_weight.shape) if fuse_weight is not None else xz.new_empty(0))
-    return [torch.empty_like(xz), xz.new_empty(flat, dtype=_compute_dtype(xz.dtype)), dfuse]
+    return [torch.empty_like(xz), xz.new_empty(flat, dtype=_compute_dtype(xz.dtype))]
 
 
 def _backward(ctx, dout, *_):
@@ -376,7 +390,7 @@ def _backward(ctx, dout, *_):
     x_proj, dt_weight, dt_bias, A_log, D = (rest[i * S:(i + 1) * S] for i in range(5))
     if dout is None:
         dout = xz.new_zeros(*xz.shape[:-1], xz.shape[-1] // 2)
-    dxz, flat, dfuse_w = torch.ops.serpent.mssm_core_backward(
+    dxz, flat = torch.ops.serpent.mssm_core_backward(
         dout, xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weight, norm_bias,
         fuse_weight, fuse_bias, x_proj, dt_weight, dt_bias, A_log, D, ctx.norm_eps, ctx.path)
 
@@ -394,7 +408,7 @@ def _backward(ctx, dout, *_):
 
     return (dxz, as_param(g["dconv_w"], conv_weight), as_param(g["dconv_b"], conv_bias),
             per_scale("dXp", x_proj), per_scale("dW", dt_weight), per_scale("dE", dt_bias),
-            per_scale("dA", A_log), per_scale("dD", D), as_param(dfuse_w, fuse_weight),
+            per_scale("dA", A_log), per_scale("dD", D), as_param(g["dfuse_w"], fuse_weight),
             as_param(g["dfuse_b"], fuse_bias), as_param(g["dnorm_w"], norm_weight),
             as_param(g["dnorm_b"], norm_bias), None, None, None)
 
@@ -428,9 +442,10 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
         npix, inner, norm_eps, HAS_FUSE_BIAS=fuse_bias is not None, P=pix, IP=ip, CT=CT)
 
     if num_scales > 1:
-        dcat = torch.mm(dfused.view(npix, inner), _as(fuse_weight, dtype))
-        dfuse_w = torch.mm(dfused.view(npix, inner).t(), cat.view(npix, num_scales * inner))
-        dfuse_w = _as(dfuse_w, fuse_weight.dtype)
+        dcat = xz.new_empty(b, h, w, num_scales * inner)
+        _grouped_matmul(kernels, dfused, [fuse_weight], dcat, b, h, w, inner, num_scales * inner,
+                        transpose_b=False)
+        _weight_grad(kernels, cat, dfused, g["dfuse_w"], b, h, w, num_scales * inner, inner, 1)
         coarse = b * (pixels - h * w)
         dys = torch.empty(coarse * inner, dtype=ct, device=xz.device)
         span = _pow2(2 ** num_scales + 3)  # 2f + 3 candidates of the coarsest scale
@@ -439,7 +454,7 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
         kernels.merge_bwd_kernel[(-(-hs1 * ws1 // pc), b * -(-inner // cb), num_scales - 1)](
             dcat, dys, b, h, w, inner, NUM_SCALES=num_scales, P=pc, CB=cb, SPAN=span, CT=CT)
     else:
-        dcat, dfuse_w, dys = dfused, xz.new_empty(0), dfused
+        dcat, dys = dfused, dfused
 
     cbb = min(tiles.bwd_channels, _pow2(inner))
     kernels.scan_bwd_kernel[(b * 4 * -(-inner // cbb), num_scales)](
@@ -452,14 +467,7 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
     # x_dbl = xs @ W_s^T of every scale: du += d x_dbl @ W_s, dW_s = d x_dbl^T @ xs
     _grouped_matmul(kernels, g["dxd"], x_proj, g["du"], b, h, w, 4 * f, inner,
                     transpose_b=False, accumulate=True)
-    rc, br, bn, bk = 512, 32, min(64, max(16, _pow2(4 * f))), min(64, max(16, _pow2(inner)))
-    if ct == torch.float64:
-        br, bk = 16, 16
-    rows = [b * hs * ws for hs, ws in sizes]
-    kernels.grouped_weight_grad_kernel[(sum(-(-r // rc) for r in rows), -(-4 * f // bn),
-                                        -(-inner // bk))](
-        xs, g["dxd"], g["dXp"], b, h, w, inner, 4 * f, NUM_SCALES=num_scales, RC=rc, BR=br,
-        BN=bn, BK=bk, **_dot_args(kernels, ct, ct))
+    _weight_grad(kernels, xs, g["dxd"], g["dXp"], b, h, w, inner, 4 * f, num_scales)
 
     tile, cb = _pyramid_tile(num_scales), min(32, _pow2(inner))
     grid = (-(-h // tile) * -(-w // tile), b, -(-inner // cb))
@@ -468,7 +476,7 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
         NUM_SCALES=num_scales, TILE=tile, CB=cb, CT=CT)
     kernels.pyramid_bwd_in_kernel[grid](
         g["du"], conv_weight, dxz, h, w, inner, c2, TILE=tile, CB=cb, CT=CT)
-    return [dxz, flat, dfuse_w]
+    return [dxz, flat]
 
 
 _mssm_core_op.register_autograd(_backward, setup_context=_setup_context)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from serpent.fused import mssm_core, use_fused
+from serpent.fused_linear import activation_dtype, fused_linear
 from serpent.layers import DropPath, init_transformer_weights
 from serpent.registry import register_model
 from serpent.scan import selective_scan
@@ -187,9 +188,14 @@ class MSSM(nn.Module):
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim)
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether this mixer (and its block) runs the fused ops for input x (serpent.fused)."""
+        return use_fused(self.scan_backend, x.device, x.dtype, len(self.ssms))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fused(self.scan_backend, x.device, x.dtype, len(self.ssms)):
-            return self.out_proj(self._fused_core(self.in_proj(x)))
+        if self.fused(x):
+            xz = fused_linear(x, self.in_proj.weight, self.in_proj.bias)
+            return fused_linear(self._fused_core(xz), self.out_proj.weight, self.out_proj.bias)
         h, w = x.shape[1:3]
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.dwconv(rearrange(x, "b h w c -> b c h w")))
@@ -236,8 +242,31 @@ class SerpentBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x):
+        if self.mixer.fused(x):
+            return self._fused_forward(x)
         x = x + self.drop_path(self.mixer(self.norm1(x)))
         return x + self.drop_path(self.ffn(self.norm2(x)))
+
+    def _fused_forward(self, x):
+        """The same function in 10 kernel launches in any dtype: LN1 + in_proj, the mixer core
+        (6), out_proj + residual, LN2 + fc1 + GELU, fc2 + residual (serpent.fused_linear)."""
+        act, mixer, ffn = activation_dtype(x), self.mixer, self.ffn
+        xz = fused_linear(x, mixer.in_proj.weight, mixer.in_proj.bias, ln=self.norm1, act_dtype=act)
+        x = fused_linear(mixer._fused_core(xz), mixer.out_proj.weight, mixer.out_proj.bias,
+                         residual=x, scale=self._drop_scale(x), act_dtype=act)
+        h = fused_linear(x, ffn.fc1.weight, ffn.fc1.bias, ln=self.norm2, gelu=True, act_dtype=act)
+        return fused_linear(h, ffn.fc2.weight, ffn.fc2.bias, residual=x,
+                            scale=self._drop_scale(x), act_dtype=act)
+
+    def _drop_scale(self, x):
+        """Stochastic depth's per-sample factor (DropPath's draw: the same random numbers), or
+        None when it is the identity."""
+        dp = self.drop_path
+        if not isinstance(dp, DropPath) or not self.training or dp.drop_prob == 0.0:
+            return None
+        keep = 1 - dp.drop_prob
+        scale = x.new_empty(x.shape[0], dtype=torch.float32).bernoulli_(keep)
+        return scale.div_(keep) if keep > 0.0 and dp.scale_by_keep else scale
 
 
 class Stage(nn.Module):
