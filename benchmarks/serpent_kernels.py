@@ -569,7 +569,7 @@ def main(argv=None) -> int:
                    help="stop starting new measurements after this many seconds")
     p.add_argument("--parts", default="abcde", help="which parts to run, e.g. 'ab'")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     run = Run(args.out, args.deadline_s)
