@@ -146,12 +146,21 @@ def _mssm_core_op(xz: Tensor, conv_weight: Tensor, conv_bias: Tensor, x_proj: li
     """(out, and what backward needs: xs, x_dbl, states, cat, fused). `mssm_core` is the API."""
     _check_runnable(xz, len(x_proj))
     scan._USED.add(BACKEND)
-    kernels = importlib.import_module("serpent.kernels")
+    return _forward(_kernels(), xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_log, D,
+                    fuse_weight, fuse_bias, norm_weight, norm_bias, norm_eps, path, save_states)
 
-    with torch.autocast(xz.device.type, enabled=False):
-        return _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_log, D,
-                        fuse_weight, fuse_bias, norm_weight, norm_bias, norm_eps, path,
-                        save_states)
+
+def _kernels():
+    return importlib.import_module("serpent.kernels")
+
+
+def eager_call(t: Tensor) -> bool:
+    """Whether a fused op may run its implementation directly instead of through the dispatcher:
+    plain tensors on a real device, eager mode, no dispatch mode watching (FLOP counters, fake
+    tensors and torch.compile all see the custom op). Why: a torch.library custom op costs ~80 us
+    of Python per call, which would cap the eager speed-up of a model of 5 such calls per block."""
+    return (not torch.compiler.is_compiling() and type(t) in (Tensor, torch.nn.Parameter)
+            and t.device.type in ("cuda", "cpu") and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def _check_runnable(xz: Tensor, num_scales: int) -> None:
@@ -202,9 +211,18 @@ def mssm_core(xz: Tensor, conv_weight: Tensor, conv_bias: Tensor, x_proj: list[T
     params = [conv_weight, conv_bias, *x_proj, *dt_weight, *dt_bias, *A_log, *D, fuse_weight,
               fuse_bias, norm_weight, norm_bias]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [xz, *params])
-    return torch.ops.serpent.mssm_core(xz.contiguous(), conv_weight, conv_bias, x_proj, dt_weight,
-                                       dt_bias, A_log, D, fuse_weight, fuse_bias, norm_weight,
-                                       norm_bias, float(norm_eps), path, save)[0]
+    args = (xz.contiguous(), conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_log, D,
+            fuse_weight, fuse_bias, norm_weight, norm_bias, float(norm_eps), path)
+    if not eager_call(xz):
+        return torch.ops.serpent.mssm_core(*args, save)[0]
+    _check_runnable(xz, len(x_proj))
+    scan._USED.add(BACKEND)
+    if not save:
+        return _forward(_kernels(), *args, False)[0]
+    S = len(x_proj)
+    return _MssmCoreFunction.apply((S, float(norm_eps), path), args[0], conv_weight, conv_bias,
+                                   fuse_weight, fuse_bias, norm_weight, norm_bias, *x_proj,
+                                   *dt_weight, *dt_bias, *A_log, *D)
 
 
 # --------------------------------------------------------------------------- launches
@@ -316,19 +334,110 @@ def _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_
     return out, xs, x_dbl, states, cat, fused if num_scales > 1 else xz.new_empty(b, h, w, 0)
 
 
-def _setup_context(ctx, inputs, output):
-    (xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_log, D, fuse_weight, fuse_bias,
-     norm_weight, norm_bias, norm_eps, path, save_states) = inputs
-    out, xs, x_dbl, states, cat, fused = output
-    ctx.mark_non_differentiable(xs, x_dbl, states, cat, fused)
-    ctx.set_materialize_grads(False)
+def _save(ctx, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_log, D, fuse_weight,
+          fuse_bias, norm_weight, norm_bias, norm_eps, path, out):
+    """What backward needs, for the custom op's autograd and the eager Function alike."""
+    _, xs, x_dbl, states, cat, fused = out
     ctx.num_scales, ctx.norm_eps, ctx.path = len(x_proj), norm_eps, path
     ctx.has_fuse = fuse_weight is not None
     ctx.save_for_backward(xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weight,
                           norm_bias, *([fuse_weight, fuse_bias] if ctx.has_fuse else []),
                           *x_proj, *dt_weight, *dt_bias, *A_log, *D)
-    if not save_states:  # the forward ran without autograd in mind: nothing to go back through
-        ctx.unsaved = True
+
+
+def _saved(ctx):
+    saved = list(ctx.saved_tensors)
+    head, rest = saved[:10], saved[10:]
+    fuse = (rest[0], rest[1]) if ctx.has_fuse else (None, None)
+    rest = rest[2:] if ctx.has_fuse else rest
+    S = ctx.num_scales
+    return (*head, *fuse, *(rest[i * S:(i + 1) * S] for i in range(5)))
+
+
+def _param_grads(flat, xz, conv_weight, conv_bias, norm_weight, norm_bias, fuse_weight,
+                 fuse_bias, x_proj, dt_weight, dt_bias, A_log, D) -> dict:
+    """The parameter gradients: views of the flat gradient buffer, in the parameters' dtypes."""
+    b, h, w, c2 = xz.shape
+    S, n, f = len(x_proj), A_log[0].shape[-1], x_proj[0].shape[1]
+    pixels = sum(hs * ws for hs, ws in _scale_sizes(h, w, S))
+    g = _split(flat, _grad_parts(b, pixels, c2 // 2, S, n, f, f - 2 * n))
+
+    def per_scale(name, like):
+        return [_as(g[name][s * t.numel():(s + 1) * t.numel()].view(t.shape), t.dtype)
+                for s, t in enumerate(like)]
+
+    def as_param(grad, param):
+        return None if param is None else _as(grad.view(param.shape), param.dtype)
+
+    return dict(conv_weight=as_param(g["dconv_w"], conv_weight),
+                conv_bias=as_param(g["dconv_b"], conv_bias),
+                x_proj=per_scale("dXp", x_proj), dt_weight=per_scale("dW", dt_weight),
+                dt_bias=per_scale("dE", dt_bias), A_log=per_scale("dA", A_log),
+                D=per_scale("dD", D), fuse_weight=as_param(g["dfuse_w"], fuse_weight),
+                fuse_bias=as_param(g["dfuse_b"], fuse_bias),
+                norm_weight=as_param(g["dnorm_w"], norm_weight),
+                norm_bias=as_param(g["dnorm_b"], norm_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    *args, save_states = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.unsaved = not save_states  # the forward ran without autograd in mind
+    _save(ctx, *args, output)
+
+
+def _zeros_like_out(xz: Tensor) -> Tensor:
+    return xz.new_zeros(*xz.shape[:-1], xz.shape[-1] // 2)
+
+
+def _backward(ctx, dout, *_):
+    if ctx.unsaved:
+        raise RuntimeError("serpent::mssm_core was called with save_states=False; call it "
+                           "through serpent.fused.mssm_core to differentiate it")
+    (xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weight, norm_bias,
+     fuse_weight, fuse_bias, x_proj, dt_weight, dt_bias, A_log, D) = _saved(ctx)
+    dxz, flat = torch.ops.serpent.mssm_core_backward(
+        _zeros_like_out(xz) if dout is None else dout, xz, conv_weight, conv_bias, xs, x_dbl,
+        states, cat, fused, norm_weight, norm_bias, fuse_weight, fuse_bias, x_proj, dt_weight,
+        dt_bias, A_log, D, ctx.norm_eps, ctx.path)
+    g = _param_grads(flat, xz, conv_weight, conv_bias, norm_weight, norm_bias, fuse_weight,
+                     fuse_bias, x_proj, dt_weight, dt_bias, A_log, D)
+    return (dxz, g["conv_weight"], g["conv_bias"], g["x_proj"], g["dt_weight"], g["dt_bias"],
+            g["A_log"], g["D"], g["fuse_weight"], g["fuse_bias"], g["norm_weight"],
+            g["norm_bias"], None, None, None)
+
+
+class _MssmCoreFunction(torch.autograd.Function):
+    """The eager path (see `eager_call`): the op's forward and backward implementations
+    without the dispatcher. Lists are flattened: autograd tracks only direct tensor arguments."""
+
+    @staticmethod
+    def forward(ctx, spec, xz, conv_weight, conv_bias, fuse_weight, fuse_bias, norm_weight,
+                norm_bias, *per_scale):
+        S, norm_eps, path = spec
+        x_proj, dt_weight, dt_bias, A_log, D = (list(per_scale[i * S:(i + 1) * S])
+                                                for i in range(5))
+        out = _forward(_kernels(), xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_log,
+                       D, fuse_weight, fuse_bias, norm_weight, norm_bias, norm_eps, path, True)
+        _save(ctx, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_log, D, fuse_weight,
+              fuse_bias, norm_weight, norm_bias, norm_eps, path, out)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, dout):
+        (xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weight, norm_bias,
+         fuse_weight, fuse_bias, x_proj, dt_weight, dt_bias, A_log, D) = _saved(ctx)
+        scan._USED.add(BACKEND)
+        dxz, flat = _backward_impl(_kernels(), dout.contiguous(), xz, conv_weight, conv_bias, xs,
+                                   x_dbl, states, cat, fused, norm_weight, norm_bias, fuse_weight,
+                                   fuse_bias, x_proj, dt_weight, dt_bias, A_log, D, ctx.norm_eps,
+                                   ctx.path)
+        g = _param_grads(flat, xz, conv_weight, conv_bias, norm_weight, norm_bias, fuse_weight,
+                         fuse_bias, x_proj, dt_weight, dt_bias, A_log, D)
+        return (None, dxz, g["conv_weight"], g["conv_bias"], g["fuse_weight"], g["fuse_bias"],
+                g["norm_weight"], g["norm_bias"], *g["x_proj"], *g["dt_weight"], *g["dt_bias"],
+                *g["A_log"], *g["D"])
 
 
 def _grad_parts(b, pixels, inner, num_scales, n, f, rank) -> dict[str, int]:
@@ -359,11 +468,9 @@ def _mssm_core_backward_op(dout: Tensor, xz: Tensor, conv_weight: Tensor, conv_b
     """[d xz, the flat gradient buffer (`_grad_parts`)]: its own op so that AOTAutograd
     (torch.compile) traces the backward as one opaque node too."""
     scan._USED.add(BACKEND)
-    kernels = importlib.import_module("serpent.kernels")
-    with torch.autocast(xz.device.type, enabled=False):
-        return _backward_impl(kernels, dout.contiguous(), xz, conv_weight, conv_bias, xs, x_dbl,
-                              states, cat, fused, norm_weight, norm_bias, fuse_weight, fuse_bias,
-                              x_proj, dt_weight, dt_bias, A_log, D, norm_eps, path)
+    return _backward_impl(_kernels(), dout.contiguous(), xz, conv_weight, conv_bias, xs, x_dbl,
+                          states, cat, fused, norm_weight, norm_bias, fuse_weight, fuse_bias,
+                          x_proj, dt_weight, dt_bias, A_log, D, norm_eps, path)
 
 
 @_mssm_core_backward_op.register_fake
@@ -375,42 +482,6 @@ def _(dout, xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weig
     pixels = sum(hs * ws for hs, ws in _scale_sizes(h, w, num_scales))
     flat = sum(_grad_parts(b, pixels, inner, num_scales, n, f, f - 2 * n).values())
     return [torch.empty_like(xz), xz.new_empty(flat, dtype=_compute_dtype(xz.dtype))]
-
-
-def _backward(ctx, dout, *_):
-    if getattr(ctx, "unsaved", False):
-        raise RuntimeError("serpent::mssm_core was called with save_states=False; call it "
-                           "through serpent.fused.mssm_core to differentiate it")
-    saved = list(ctx.saved_tensors)
-    xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weight, norm_bias = saved[:10]
-    rest = saved[10:]
-    fuse_weight, fuse_bias = (rest[0], rest[1]) if ctx.has_fuse else (None, None)
-    rest = rest[2:] if ctx.has_fuse else rest
-    S = ctx.num_scales
-    x_proj, dt_weight, dt_bias, A_log, D = (rest[i * S:(i + 1) * S] for i in range(5))
-    if dout is None:
-        dout = xz.new_zeros(*xz.shape[:-1], xz.shape[-1] // 2)
-    dxz, flat = torch.ops.serpent.mssm_core_backward(
-        dout, xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused, norm_weight, norm_bias,
-        fuse_weight, fuse_bias, x_proj, dt_weight, dt_bias, A_log, D, ctx.norm_eps, ctx.path)
-
-    b, h, w, c2 = xz.shape
-    n, f = A_log[0].shape[-1], x_proj[0].shape[1]
-    pixels = sum(hs * ws for hs, ws in _scale_sizes(h, w, S))
-    g = _split(flat, _grad_parts(b, pixels, c2 // 2, S, n, f, f - 2 * n))
-
-    def per_scale(name, like):
-        return [_as(g[name][s * t.numel():(s + 1) * t.numel()].view(t.shape), t.dtype)
-                for s, t in enumerate(like)]
-
-    def as_param(grad, param):
-        return None if param is None else _as(grad.view(param.shape), param.dtype)
-
-    return (dxz, as_param(g["dconv_w"], conv_weight), as_param(g["dconv_b"], conv_bias),
-            per_scale("dXp", x_proj), per_scale("dW", dt_weight), per_scale("dE", dt_bias),
-            per_scale("dA", A_log), per_scale("dD", D), as_param(g["dfuse_w"], fuse_weight),
-            as_param(g["dfuse_b"], fuse_bias), as_param(g["dnorm_w"], norm_weight),
-            as_param(g["dnorm_b"], norm_bias), None, None, None)
 
 
 def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states, cat, fused,

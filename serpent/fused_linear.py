@@ -41,8 +41,14 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, *, ln: Optional[torch.
     ln_w, ln_b, eps = (ln.weight, ln.bias, float(ln.eps)) if ln is not None else (None, None, 0.0)
     tensors = [x, weight, bias, ln_w, ln_b, residual]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return torch.ops.serpent.fused_linear(x, weight, bias, ln_w, ln_b, residual, scale, eps,
-                                          bool(gelu), act, save)[0]
+    args = (x, weight, bias, ln_w, ln_b, residual, scale, eps, bool(gelu), act)
+    if not fused.eager_call(x):
+        return torch.ops.serpent.fused_linear(*args, save)[0]
+    fused._check_runnable(x, 1)
+    fused.scan._USED.add(fused.BACKEND)
+    if not save:
+        return _forward(_kernels(), *args, False)[0]
+    return _FusedLinearFunction.apply(*args)
 
 
 def fused_linear_macs(args) -> dict[str, int]:
@@ -70,10 +76,12 @@ def _fused_linear_op(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Optiona
     """(out, GELU pre-activation if saved, LayerNorm (mean, rstd) per row if saved)."""
     fused._check_runnable(x, 1)
     fused.scan._USED.add(fused.BACKEND)
-    kernels = importlib.import_module("serpent.linear_kernels")
-    with torch.autocast(x.device.type, enabled=False):
-        return _forward(kernels, x, weight, bias, ln_weight, ln_bias, residual, scale, eps, gelu,
-                        act_dtype, save)
+    return _forward(_kernels(), x, weight, bias, ln_weight, ln_bias, residual, scale, eps, gelu,
+                    act_dtype, save)
+
+
+def _kernels():
+    return importlib.import_module("serpent.linear_kernels")
 
 
 @_fused_linear_op.register_fake
@@ -145,14 +153,29 @@ def _tl(kernels, dtype: torch.dtype):
             torch.float32: kernels.tl.float32, torch.float64: kernels.tl.float64}[dtype]
 
 
+def _save(ctx, x, weight, bias, ln_weight, ln_bias, residual, scale, gelu, act, pre, stats):
+    ctx.gelu, ctx.act = gelu, act
+    ctx.has_ln, ctx.has_residual = ln_weight is not None, residual is not None
+    ctx.save_for_backward(x, weight, bias, ln_weight, ln_bias, scale, pre, stats)
+
+
+def _param_grads(ctx, flat, weight, bias, ln_weight, ln_bias):
+    """(d W, d b, d LN weight, d LN bias): views of the flat buffer in the parameters' dtypes."""
+    n, k = weight.shape
+    grads = [flat[:n * k].view(n, k), flat[n * k:n * k + n]]
+    if ctx.has_ln:
+        grads += [flat[n * k + n:n * k + n + k], flat[n * k + n + k:]]
+    params = [weight, bias, ln_weight, ln_bias]
+    return [fused._as(g, p.dtype) for g, p in zip(grads, params)] + [None] * (4 - len(grads))
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, ln_weight, ln_bias, residual, scale, eps, gelu, act, save = inputs
     out, pre, stats = output
     ctx.mark_non_differentiable(pre, stats)
     ctx.set_materialize_grads(False)
-    ctx.gelu, ctx.act, ctx.saved = gelu, act, save
-    ctx.has_ln, ctx.has_residual = ln_weight is not None, residual is not None
-    ctx.save_for_backward(x, weight, bias, ln_weight, ln_bias, scale, pre, stats)
+    ctx.saved = save
+    _save(ctx, x, weight, bias, ln_weight, ln_bias, residual, scale, gelu, act, pre, stats)
 
 
 def _backward(ctx, dout, *_):
@@ -162,15 +185,29 @@ def _backward(ctx, dout, *_):
     x, weight, bias, ln_weight, ln_bias, scale, pre, stats = ctx.saved_tensors
     dx, flat = torch.ops.serpent.fused_linear_backward(
         dout, x, weight, ln_weight, ln_bias, scale, pre, stats, ctx.gelu, ctx.act)
-    n, k = weight.shape
-    dw, db = flat[:n * k].view(n, k), flat[n * k:n * k + n]
-    as_param = fused._as
-    dln_w = dln_b = None
-    if ctx.has_ln:
-        dln_w = as_param(flat[n * k + n:n * k + n + k], ln_weight.dtype)
-        dln_b = as_param(flat[n * k + n + k:], ln_bias.dtype)
-    return (dx, as_param(dw, weight.dtype), as_param(db, bias.dtype), dln_w, dln_b,
-            dout if ctx.has_residual else None, None, None, None, None, None)
+    dw, db, dln_w, dln_b = _param_grads(ctx, flat, weight, bias, ln_weight, ln_bias)
+    return (dx, dw, db, dln_w, dln_b, dout if ctx.has_residual else None, None, None, None, None,
+            None)
+
+
+class _FusedLinearFunction(torch.autograd.Function):
+    """The eager path (fused.eager_call): the op's implementations without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ln_weight, ln_bias, residual, scale, eps, gelu, act):
+        out, pre, stats = _forward(_kernels(), x, weight, bias, ln_weight, ln_bias, residual,
+                                   scale, eps, gelu, act, True)
+        _save(ctx, x, weight, bias, ln_weight, ln_bias, residual, scale, gelu, act, pre, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, ln_weight, ln_bias, scale, pre, stats = ctx.saved_tensors
+        dx, flat = _backward_impl(_kernels(), dout.contiguous(), x, weight, ln_weight, ln_bias,
+                                  scale, pre, stats, ctx.gelu, ctx.act)
+        dw, db, dln_w, dln_b = _param_grads(ctx, flat, weight, bias, ln_weight, ln_bias)
+        return (dx, dw, db, dln_w, dln_b, dout if ctx.has_residual else None, None, None, None,
+                None)
 
 
 @torch.library.custom_op("serpent::fused_linear_backward", mutates_args=())
@@ -180,10 +217,8 @@ def _fused_linear_backward_op(dout: Tensor, x: Tensor, weight: Tensor,
                               act_dtype: torch.dtype) -> list[Tensor]:
     """[d x, flat fp32 buffer of (d W, d b, d LN weight, d LN bias)] in 2 kernels + 1 zeroing."""
     fused.scan._USED.add(fused.BACKEND)
-    kernels = importlib.import_module("serpent.linear_kernels")
-    with torch.autocast(x.device.type, enabled=False):
-        return _backward_impl(kernels, dout.contiguous(), x, weight, ln_weight, ln_bias, scale,
-                              pre, stats, gelu, act_dtype)
+    return _backward_impl(_kernels(), dout.contiguous(), x, weight, ln_weight, ln_bias, scale,
+                          pre, stats, gelu, act_dtype)
 
 
 @_fused_linear_backward_op.register_fake
