@@ -125,18 +125,21 @@ def _unfused_core(mixer, xz):
         mixer.in_proj, mixer.out_proj = in_proj, out_proj
 
 
-def test_compile_fullgraph_traces_the_fused_op_and_matches_eager():
-    """torch.compile(fullgraph=True) with the op's fake implementation and autograd formula
-    (aot_eager: no Inductor codegen on this machine); forward and gradients equal to eager."""
+def test_compile_fullgraph_traces_the_fused_block_and_matches_eager():
+    """torch.compile(fullgraph=True) of a fused Serpent block (both custom ops, their fake
+    implementations and autograd; aot_eager: no Inductor codegen on this machine): forward and
+    gradients equal to eager."""
+    from serpent.model import SerpentBlock
+
     torch._dynamo.reset()
-    fast, _ = mssm_pair(num_scales=2, dtype=torch.float32)
-    x = torch.randn(1, 4, 3, 2, requires_grad=True)
-    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
-    y, y_eager = compiled(x), fast(x)
+    torch.manual_seed(0)
+    block = SerpentBlock(dim=4, mlp_ratio=2.0, d_state=2, num_scales=2, scan_backend="triton")
+    x = torch.randn(1, 4, 3, 4, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y, y_eager = compiled(x), block(x)
     torch.testing.assert_close(y, y_eager)
-    g = torch.autograd.grad(y.sum(), [x, fast.ssms[1].A_logs])
-    g_eager = torch.autograd.grad(y_eager.sum(), [x, fast.ssms[1].A_logs])
-    for a, b in zip(g, g_eager):
+    wrt = [x, block.mixer.ssms[1].A_logs, block.ffn.fc1.weight, block.norm1.weight]
+    for a, b in zip(torch.autograd.grad(y.sum(), wrt), torch.autograd.grad(y_eager.sum(), wrt)):
         torch.testing.assert_close(a, b)
 
 
