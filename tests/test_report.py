@@ -12,10 +12,10 @@ import pytest
 
 from bench.cli import main
 from bench.errors import UsageError
-from bench.report import _card_groups, _headline_memory, build_report
-from bench.report_data import apply_filters, load_rows, parse_filters, prepare
-from bench.report_figures import model_styles, pareto_front, scaling_exponent
-from bench.report_tables import METRICS, efficiency_table
+from bench.report.build import _card_groups, _headline_memory, build_report
+from bench.report.data import apply_filters, load_rows, parse_filters, prepare
+from bench.report.figures import model_styles, pareto_front, scaling_exponent
+from bench.report.tables import METRICS, efficiency_table
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_small.jsonl"
 H100 = "nvidia-h100-80gb-hbm3"
@@ -277,7 +277,7 @@ def test_failure_leaves_previous_report_intact(tmp_path, monkeypatch):
                  filters=["kind=efficiency", "device_name=NVIDIA H200"])
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    import bench.report as report_mod
+    import bench.report.build as report_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -117,7 +117,7 @@ def test_layernorm_is_the_official_formula(kind):
 
 def test_published_flops_are_the_convolutions():
     """Restormer's 140.99 G at 256x256 (KAIR's counter: Conv2d MACs only) is our conv share."""
-    from bench.flops import count_flops
+    from bench.measure.flops import count_flops
 
     with torch.device("meta"):
         model = bench.create_model("restormer", task="deblur", attn_impl="sdpa")

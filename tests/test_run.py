@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from bench.errors import UsageError
-from bench.measure import RunConfig, check_cuda_graph, measure_config
+from bench.measure.row import RunConfig, check_cuda_graph, measure_config
 from bench.results import config_key, read_rows
-from bench.sweep import run_sweep
+from bench.measure.sweep import run_sweep
 from serpent import registry as model_registry
 
 
