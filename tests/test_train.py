@@ -117,7 +117,7 @@ def test_log_config_and_data_wait(tmp_path):
     with open(tmp_path / "run" / "train_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["iter", "loss", "lr", "data_wait_fraction", "step_time",
-                             "val_psnr", "elapsed_s"]
+                             "val_psnr", "elapsed_s", "train_s"]
     assert all(0 <= float(r["data_wait_fraction"]) <= 1 for r in rows)
     assert [r["val_psnr"] != "" for r in rows] == [False, True, False, True]
 

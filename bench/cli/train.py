@@ -45,7 +45,19 @@ def make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma):
 @task_options
 @click.option("--train-set", "train_sets", required=True,
               help="Comma list of set names under the data root, or folders.")
-@click.option("--iters", type=int, required=True, help="Optimizer steps.")
+@click.option("--iters", type=int, default=None,
+              help="Optimizer steps (required without --time-budget; with it, an upper bound).")
+@click.option("--time-budget", type=float, default=None, metavar="MIN",
+              help="Stop after MIN minutes of training time (data + steps; validation and "
+                   "checkpoints are timed apart). The lr follows a cosine to zero over it.")
+@click.option("--val-points", type=int, default=10, show_default=True,
+              help="With --time-budget: validate and checkpoint at every 1/N of the budget.")
+@click.option("--recipe", type=click.Choice(["suite", "paper"]), default="suite",
+              show_default=True, help="paper: optimizer, lr, betas and weight decay of the "
+                                      "model's paper (bench/train/recipes.py), overriding "
+                                      "--optimizer/--lr/--weight-decay.")
+@click.option("--optimizer", type=click.Choice(["adamw", "adam"]), default="adamw",
+              show_default=True)
 @click.option("--crop", type=int, default=128, show_default=True,
               help="Ground-truth (output) crop side; the LR crop is crop/scale for SR models "
                    "with their own upsampler.")
@@ -84,7 +96,7 @@ def make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma):
 @click.option("--seed", type=int, default=0, show_default=True)
 @options.progress_option
 def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, overrides,
-          train_sets, iters, crop, batch, out_dir, lr, min_lr, warmup, weight_decay, loss,
+          train_sets, iters, time_budget, val_points, recipe, optimizer, crop, batch, out_dir, lr, min_lr, warmup, weight_decay, loss,
           grad_clip, val_sets, val_every, val_limit, ckpt_every, log_every, stop_at, resume,
           holdout_sets, drop_overlap, device, dtype, workers, seed, progress):
     """Train MODEL for TASK with AdamW + cosine schedule; writes checkpoints and a CSV log.
@@ -106,6 +118,8 @@ def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, o
         task_cfg = make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma)
         cfg = TrainConfig(
             model=model, task=task, train_sets=split_names(train_sets), iters=iters, crop=crop,
+            time_budget_s=None if time_budget is None else time_budget * 60,
+            val_points=val_points, recipe=recipe, optimizer=optimizer,
             batch=batch, out_dir=out_dir, lr=lr, min_lr=min_lr, warmup=warmup,
             weight_decay=weight_decay, loss=loss, grad_clip=grad_clip,
             val_sets=split_names(val_sets), val_every=val_every, val_limit=val_limit,
@@ -132,8 +146,11 @@ def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, o
     wait = s["data_wait_fraction"]
     speed = (f" ({s['mean_step_time'] * 1e3:.1f} ms/step, data wait {wait:.1%} of step time)"
              if wait is not None else "")
-    click.echo(f"{model} {task_cfg.key}: {s['iteration']}/{iters} iterations in "
-               f"{s['wall_s']:.1f} s{speed}{best} -> {out_dir}")
+    steps = f"{s['iteration']}/{iters}" if iters else str(s["iteration"])
+    budget = (f" (training {s['train_s']:.0f} s of a {time_budget:g} min budget, validation "
+              f"{s['val_s']:.0f} s, checkpoints {s['ckpt_s']:.0f} s)" if time_budget else "")
+    click.echo(f"{model} {task_cfg.key}: {steps} iterations in "
+               f"{s['wall_s']:.1f} s{budget}{speed}{best} -> {out_dir}")
     if wait is not None and wait > 0.1:
         click.echo("note: the GPU waited for data over 10% of the time; raise --workers",
                    err=True)

@@ -80,13 +80,16 @@ def resolve_weights(path: str | Path) -> tuple[Path, Path | None]:
 def budget_of(config: dict) -> dict:
     """The training budget fields a quality row carries."""
     keys = ("iters", "crop", "batch", "lr", "min_lr", "warmup", "weight_decay", "loss",
-            "grad_clip", "dtype", "seed", "train_sets", "n_train_images")
+            "grad_clip", "dtype", "seed", "train_sets", "n_train_images", "recipe", "optimizer",
+            "betas", "time_budget_s")
     out = {k: config.get(k) for k in keys}
     out["degradation"] = (config.get("task_config") or {}).get("key")
     result = config.get("result") or {}
     out.update({"trained_iters": result.get("iteration"), "train_wall_s": result.get("wall_s"),
                 "train_step_s": result.get("mean_step_time"),
                 "train_data_wait_fraction": result.get("data_wait_fraction"),
+                "train_s": result.get("train_s"), "val_s": result.get("val_s"),
+                "ckpt_s": result.get("ckpt_s"),
                 "train_device": (config.get("environment") or {}).get("device_name")})
     return out
 

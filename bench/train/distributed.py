@@ -107,6 +107,16 @@ def all_reduce_sum(values: list[float], dist: Dist, device: torch.device,
     return t.tolist()
 
 
+def broadcast_floats(values: list[float], dist: Dist, device: torch.device,
+                     src: int = 0) -> list[float]:
+    """Rank `src`'s numbers on every rank (one collective): decisions taken from one clock,
+    such as the end of a time budget, must be the same on all ranks or DDP would hang."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if active(dist):
+        td.broadcast(t, src)
+    return t.tolist()
+
+
 def step_check(loss: torch.Tensor, norm: torch.Tensor | None, dist: Dist) -> tuple[float, bool]:
     """(global mean loss, any rank's gradient norm non-finite), agreed by every rank.
 

@@ -44,11 +44,13 @@ from bench.train.checkpoint import (CKPT_FORMAT, TRAIN_CONFIG, TRAIN_IMAGES, loa
                                     rng_state, save_checkpoint, set_rng_state)
 from bench.quality.tasks import TaskConfig, eval_pair
 
-LOG_COLUMNS = ["iter", "loss", "lr", "data_wait_fraction", "step_time", "val_psnr", "elapsed_s"]
+LOG_COLUMNS = ["iter", "loss", "lr", "data_wait_fraction", "step_time", "val_psnr", "elapsed_s",
+               "train_s"]
+VALIDATION_FILE = "validation.jsonl"  # one results row per validation (bench report plots them)
 # Changing any of these changes what the run computes: --resume refuses a mismatch.
 BUDGET_KEYS = ("model", "task", "scale", "task_config", "iters", "crop", "batch", "lr", "min_lr",
                "warmup", "weight_decay", "betas", "loss", "grad_clip", "dtype", "seed",
-               "train_sets", "model_overrides")
+               "train_sets", "model_overrides", "optimizer", "time_budget_s", "val_points")
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,7 +62,7 @@ class TrainConfig:
     model: str
     task: str
     train_sets: list[str]
-    iters: int
+    iters: int | None  # None only with a time budget: as many steps as the budget allows
     crop: int
     batch: int
     out_dir: str
@@ -71,6 +73,10 @@ class TrainConfig:
     warmup: int | None = None  # None: 5% of iters (at most 1000)
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"  # adam | adamw
+    recipe: str = "suite"  # suite: the options above; paper: bench.train.recipes for the model
+    time_budget_s: float | None = None  # stop after this much training time (see _Clock)
+    val_points: int = 10  # with a time budget: validate (and checkpoint) at every 1/N of it
     loss: str = "l1"
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     val_sets: list[str] = field(default_factory=list)
@@ -92,14 +98,38 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         c = TrainConfig(**asdict(self))
-        if c.iters < 1 or c.batch < 1 or c.crop < 1:
+        if c.time_budget_s is None and c.iters is None:
+            raise UsageError("give --iters, or --time-budget (then --iters is an upper bound)")
+        if (c.iters is not None and c.iters < 1) or c.batch < 1 or c.crop < 1:
             raise UsageError("--iters, --batch and --crop must be positive")
+        if c.time_budget_s is not None and c.time_budget_s <= 0:
+            raise UsageError("--time-budget must be positive (minutes of training)")
+        if c.val_points < 1:
+            raise UsageError("--val-points must be >= 1")
         if c.loss not in LOSSES:
             raise UsageError(f"--loss must be one of {', '.join(LOSSES)}")
-        c.warmup = min(c.iters // 20, 1000) if c.warmup is None else c.warmup
-        c.val_every = (max(1, c.iters // 5) if c.val_sets else 0) if c.val_every is None \
-            else c.val_every
-        c.ckpt_every = max(1, c.iters // 10) if c.ckpt_every is None else c.ckpt_every
+        if c.recipe == "paper":
+            from bench.registry import model_info
+            from bench.train.recipes import recipe_for
+
+            r = recipe_for(model_info(c.model).alias_of or c.model)
+            c.optimizer, c.lr, c.betas, c.weight_decay = r.optimizer, r.lr, r.betas, r.weight_decay
+        elif c.recipe != "suite":
+            raise UsageError(f"--recipe must be suite or paper, got {c.recipe!r}")
+        if c.optimizer not in OPTIMIZERS:
+            raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if c.time_budget_s is not None:
+            # by time: cosine from the peak to zero over the budget, validation and checkpoints
+            # at its fractions (_Clock); --iters, if given, only caps the number of steps
+            c.warmup = c.warmup or 0
+            c.min_lr = 0.0
+            c.val_every = c.val_every or 0
+            c.ckpt_every = c.ckpt_every or 0
+        else:
+            c.warmup = min(c.iters // 20, 1000) if c.warmup is None else c.warmup
+            c.val_every = (max(1, c.iters // 5) if c.val_sets else 0) if c.val_every is None \
+                else c.val_every
+            c.ckpt_every = max(1, c.iters // 10) if c.ckpt_every is None else c.ckpt_every
         c.device = options.resolve_device(c.device)
         if c.dtype == "auto":
             c.dtype = "bf16" if c.device.startswith("cuda") else "fp32"
@@ -117,6 +147,8 @@ def charbonnier(x, y, eps: float = 1e-3):
 
 
 LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss, "charbonnier": charbonnier}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+VAL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 
 
 def lr_factor(it: int, iters: int, warmup: int, min_ratio: float) -> float:
@@ -125,6 +157,11 @@ def lr_factor(it: int, iters: int, warmup: int, min_ratio: float) -> float:
         return (it + 1) / warmup
     t = (it - warmup) / max(1, iters - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def time_lr_factor(progress: float) -> float:
+    """Cosine from 1 to 0 over the time budget (progress = training time / budget)."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 class SampleIndices(torch.utils.data.Sampler):
@@ -208,20 +245,27 @@ def _load_data(cfg: TrainConfig, task: TaskConfig, warn):
 
 
 def _validate(spec: ModelSpec, val_pairs, task: TaskConfig, device, autocast: bool,
-              dist: Dist = Dist()) -> float:
-    """Mean RGB PSNR (8-bit quantized, border = scale for SR) over the validation images; under
-    torchrun each rank scores every world-th image and the sums are all-reduced."""
+              dist: Dist = Dist(), metrics=None) -> dict:
+    """Means over the validation images of: `val_psnr`, the RGB PSNR (8-bit quantized, border
+    = scale for SR, float64; it picks best.pt), and with `metrics` (bench.quality.evaluate.
+    Metrics: pyiqa) psnr, ssim, psnr_y, ssim_y as `bench eval` scores them. Under torchrun each
+    rank scores every world-th image and the sums are all-reduced."""
     spec.module.eval()
     s = task.scale if (task.task == "sr" and spec.upsampler) else 1
     border = task.scale if task.task == "sr" else 0
-    total = 0.0
+    keys = ["val_psnr", *(VAL_METRICS if metrics is not None else ())]
+    sums = [0.0] * len(keys)
     for gt, inp in val_pairs[dist.rank::dist.world]:
-        out = restore(spec.module, inp.to(device), multiple=spec.multiple, out_scale=s,
-                      autocast=autocast)
-        total += psnr_rgb(quantize(out).cpu(), gt, border)
+        out = quantize(restore(spec.module, inp.to(device), multiple=spec.multiple, out_scale=s,
+                               autocast=autocast)).float()
+        sums[0] += psnr_rgb(out.cpu(), gt, border)
+        if metrics is not None:
+            scores = metrics(out, gt.to(out.device))
+            for i, k in enumerate(VAL_METRICS, 1):
+                sums[i] += scores[k]
     spec.module.train()
-    total, = distributed.all_reduce_sum([total], dist, device)
-    return total / len(val_pairs)
+    sums = distributed.all_reduce_sum(sums, dist, device)
+    return {k: v / len(val_pairs) for k, v in zip(keys, sums)}
 
 
 class _CsvLog:
@@ -274,16 +318,21 @@ def _train(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec | None, dist: Dis
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its kernels
     data = _prepare_data(cfg, task, spec, warn)
-    opt, sched = _optimizer(model, cfg)
+    metrics = _validation_metrics(cfg, task, device)
+    clock = _Clock()
+    opt, sched = _optimizer(model, cfg, clock)
     config = _run_config(cfg, dist, model, spec, data)
-    start, best = _resume(cfg, out, config, model, opt, sched, device)
+    start, best = _resume(cfg, out, config, model, opt, sched, device, clock)
     if dist.rank:  # rank 0 carries the single-process RNG stream; the others get their own
         torch.manual_seed(distributed.rank_seed(cfg.seed, dist.rank, start))
     _write_run_files(out, config, data, dist, device)
-    ckpt = _Checkpointer(out, model, opt, sched, config, cfg, dist, device,
+    ckpt = _Checkpointer(out, model, opt, sched, config, cfg, dist, device, clock,
                          last=(str(out / "last.pt"), start) if cfg.resume else None, best=best)
     log = _CsvLog(out / "train_log.csv", start if cfg.resume else None) if dist.is_main else None
-    summary = _loop(cfg, task, spec, model, opt, sched, data, ckpt, log, dist, device, start)
+    val_rows = _ValidationRows(out / VALIDATION_FILE, config, data, start if cfg.resume else None,
+                               device) if dist.is_main else None
+    summary = _loop(cfg, task, spec, model, opt, sched, data, ckpt, log, val_rows, metrics,
+                    clock, dist, device, start)
     summary["warnings"] = warnings
     if dist.is_main:
         config["result"] = summary
@@ -323,20 +372,40 @@ def _prepare_data(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec, warn) -> 
     return _Data(root, train_images, dropped, dataset, val_pairs)
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    """AdamW without weight decay on biases and norms (tensors of <= 1 dim), and the warm-up +
-    cosine schedule of `lr_factor`."""
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, clock: "_Clock"):
+    """Adam(W) without weight decay on biases and norms (tensors of <= 1 dim), and the schedule:
+    by iterations, the warm-up + cosine of `lr_factor`; with a time budget, the cosine to zero
+    of `time_lr_factor` over the training time the clock has counted."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=cfg.betas)
-    min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: lr_factor(it, cfg.iters, cfg.warmup, min_ratio))
-    return opt, sched
+    opt = OPTIMIZERS[cfg.optimizer]([{"params": decay, "weight_decay": cfg.weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}],
+                                    lr=cfg.lr, betas=cfg.betas)
+    if cfg.time_budget_s is not None:
+        budget = cfg.time_budget_s
+        schedule = lambda it: time_lr_factor(clock.train_s / budget)  # noqa: E731
+    else:
+        min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+        schedule = lambda it: lr_factor(it, cfg.iters, cfg.warmup, min_ratio)  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def _validation_metrics(cfg: TrainConfig, task: TaskConfig, device):
+    """pyiqa's PSNR/SSIM on RGB and Y for validation rows when pyiqa is installed (required
+    with a time budget: the study's curves plot them), else None (RGB PSNR only)."""
+    if not cfg.val_sets:
+        return None
+    try:
+        from bench.quality.evaluate import Metrics
+
+        return Metrics(task, device, lpips=False)
+    except ImportError:
+        if cfg.time_budget_s is not None:
+            raise UsageError("--time-budget validation rows need pyiqa: pip install -e "
+                             "'.[quality]'") from None
+        return None
 
 
 def _run_config(cfg: TrainConfig, dist: Dist, model, spec: ModelSpec, data: _Data) -> dict:
@@ -348,8 +417,8 @@ def _run_config(cfg: TrainConfig, dist: Dist, model, spec: ModelSpec, data: _Dat
             "data_root": str(data.root) if data.root else None, "command": sys.argv}
 
 
-def _resume(cfg: TrainConfig, out: Path, config: dict, model, opt, sched, device
-            ) -> tuple[int, float | None]:
+def _resume(cfg: TrainConfig, out: Path, config: dict, model, opt, sched, device,
+            clock: "_Clock") -> tuple[int, float | None]:
     """(start iteration, best validation PSNR); restores every state from the checkpoint,
     refusing one trained with a different budget (BUDGET_KEYS)."""
     resume = (out / "last.pt") if cfg.resume == "auto" else cfg.resume
@@ -366,6 +435,7 @@ def _resume(cfg: TrainConfig, out: Path, config: dict, model, opt, sched, device
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     start = int(ckpt["iteration"])
+    clock.load(ckpt.get("clock") or {})
     set_rng_state(ckpt["rng"], device)
     config["resumed_from"] = {"path": str(resume), "iteration": start,
                               "world_size": old.get("world_size", 1)}
@@ -393,12 +463,13 @@ class _Checkpointer:
     and remembers the last good checkpoint for the divergence message."""
 
     def __init__(self, out: Path, model, opt, sched, config: dict, cfg: TrainConfig, dist: Dist,
-                 device, *, last: tuple[str, int] | None, best: float | None):
+                 device, clock: "_Clock", *, last: tuple[str, int] | None, best: float | None):
         self.out, self.model, self.opt, self.sched = out, model, opt, sched
         self.config, self.cfg, self.dist, self.device = config, cfg, dist, device
-        self.last, self.best = last, best
+        self.clock, self.last, self.best = clock, last, best
 
     def save(self, it: int, name: str = "last.pt") -> None:
+        t0 = time.perf_counter()
         if name == "last.pt":
             self.last = (str(self.out / name), it)
         if self.dist.is_main:
@@ -406,17 +477,81 @@ class _Checkpointer:
                              "optimizer": self.opt.state_dict(),
                              "scheduler": self.sched.state_dict(), "iteration": it,
                              "best_val_psnr": self.best, "rng": rng_state(self.device),
+                             "clock": self.clock.state(),
                              "config": json.loads(json.dumps(self.config, default=str)),
                              "data": {"seed": self.cfg.seed,
                                       "samples_seen": it * self.cfg.batch}},
                             self.out / name)
         distributed.barrier(self.dist)
+        self.clock.ckpt_s += time.perf_counter() - t0
 
     def validated(self, it: int, psnr: float) -> None:
         """A new validation PSNR: best.pt when it improves."""
         if self.best is None or psnr > self.best:
             self.best = psnr
             self.save(it, "best.pt")
+
+
+class _Clock:
+    """Where the run's time went: training (data wait + steps), validation, checkpoints. A time
+    budget counts training only; validation points fall at fractions of it. Saved in every
+    checkpoint, so a resumed run continues the same clock and schedule."""
+
+    def __init__(self):
+        self.train_s = self.val_s = self.ckpt_s = 0.0
+        self.points_done = 0  # validation points of the time budget already taken
+
+    def state(self) -> dict:
+        return dict(vars(self))
+
+    def load(self, state: dict) -> None:
+        for k, v in state.items():
+            if hasattr(self, k):
+                setattr(self, k, type(getattr(self, k))(v))
+
+    def due_point(self, cfg: TrainConfig) -> int | None:
+        """The newest validation point of the time budget that training time has reached and
+        that was not taken yet (points k = 1..val_points at k/val_points of the budget)."""
+        if cfg.time_budget_s is None:
+            return None
+        k = min(cfg.val_points, int(self.train_s * cfg.val_points / cfg.time_budget_s))
+        return k if k > self.points_done else None
+
+
+class _ValidationRows:
+    """One results row per validation, appended to <out-dir>/validation.jsonl: what `bench
+    report` draws quality-vs-training-time curves from. A resumed run first drops the rows of
+    validations after its checkpoint (they are redone)."""
+
+    def __init__(self, path: Path, config: dict, data: "_Data", keep_until: int | None, device):
+        from bench.environment import environment
+        from bench.results import append_rows, read_rows
+
+        self.path, self.append = path, append_rows
+        if path.exists():
+            rows = [r for r in read_rows(path)
+                    if keep_until is not None and r.get("iteration", 0) <= keep_until]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+        task = config["task_config"]
+        self.base = {
+            "kind": "validation", "model": config["model"], "task": config["task"],
+            "scale": config["scale"], "degradation": task.get("key"),
+            "val_sets": config["val_sets"], "n_val_images": len(data.val_pairs),
+            "batch": config["batch"], "crop": config["crop"], "dtype": config["dtype"],
+            "seed": config["seed"], "time_budget_s": config["time_budget_s"],
+            "optimizer": {k: config[k] for k in ("recipe", "optimizer", "lr", "betas",
+                                                 "weight_decay")},
+            "schedule": ("cosine to zero over the time budget" if config["time_budget_s"]
+                         else f"warm-up {config['warmup']} it, cosine to {config['min_lr']}"),
+            **environment(device)}
+
+    def write(self, it: int, scores: dict, clock: _Clock, point: int | None) -> None:
+        budget = self.base["time_budget_s"]
+        self.append(self.path, [{
+            **self.base, "iteration": it, "images_seen": it * self.base["batch"],
+            "train_s": clock.train_s, "val_s": clock.val_s, "ckpt_s": clock.ckpt_s,
+            "budget_fraction": clock.train_s / budget if budget else None, "point": point,
+            **scores, "status": "ok"}])
 
 
 class _Window:
@@ -441,33 +576,48 @@ class _Window:
         return out
 
 
-def _loader(cfg: TrainConfig, data: _Data, dist: Dist, device, start: int):
+def _loader(cfg: TrainConfig, data: _Data, dist: Dist, device, start: int, limit: int):
     return torch.utils.data.DataLoader(
         data.dataset, batch_size=cfg.batch // dist.world,
-        sampler=SampleIndices(start, cfg.iters, cfg.batch, dist), num_workers=cfg.workers,
+        sampler=SampleIndices(start, limit, cfg.batch, dist), num_workers=cfg.workers,
         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers > 0 else None,
         generator=torch.Generator())  # keeps the loader from drawing on the global torch RNG
 
 
 def _loop(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec, model, opt, sched, data: _Data,
-          ckpt: _Checkpointer, log: "_CsvLog | None", dist: Dist, device, start: int) -> dict:
-    """Optimizer steps from `start` to --stop-at / --iters: validation, checkpoints, log."""
+          ckpt: _Checkpointer, log: "_CsvLog | None", val_rows: "_ValidationRows | None",
+          metrics, clock: _Clock, dist: Dist, device, start: int) -> dict:
+    """Optimizer steps from `start` until --stop-at / --iters or the time budget: validation,
+    checkpoints, log. Validation and checkpoint time stay off the training clock."""
     from tqdm import tqdm
 
-    stop = min(cfg.iters, cfg.stop_at or cfg.iters)
+    limit = cfg.iters if cfg.iters is not None else 2 ** 40  # a time budget ends it first
+    stop = min(limit, cfg.stop_at or limit)
+    budget = cfg.time_budget_s
     loss_fn = LOSSES[cfg.loss]
     ddp = distributed.wrap(model, dist, device)  # forward through it; save/validate `model`
     autocast = cfg.dtype == "bf16"
-    bar = tqdm(total=cfg.iters, initial=start, disable=not (cfg.progress and dist.is_main),
-               unit="it", dynamic_ncols=True)
+    bar = tqdm(total=cfg.iters if budget is None else round(budget), unit="it" if budget is None
+               else "train-s", initial=start if budget is None else round(clock.train_s),
+               disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
     window = _Window()
     t_run = time.perf_counter()
     it = start
-    data_iter = iter(_loader(cfg, data, dist, device, start))
+    data_iter = iter(_loader(cfg, data, dist, device, start, limit))
     val_psnr = None
+
+    def validate(point: int | None) -> float:
+        t0 = time.perf_counter()
+        scores = _validate(spec, data.val_pairs, task, device, autocast, dist, metrics)
+        clock.val_s += time.perf_counter() - t0
+        if val_rows is not None:
+            val_rows.write(it, scores, clock, point)
+        ckpt.validated(it, scores["val_psnr"])
+        return scores["val_psnr"]
+
     try:
-        while it < stop:
+        while it < stop and (budget is None or clock.train_s < budget):
             t0 = time.perf_counter()
             inp, target = next(data_iter)
             inp = inp.to(device, non_blocking=True)
@@ -487,14 +637,24 @@ def _loop(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec, model, opt, sched
             if bad_norm:
                 raise TrainingDiverged(_diverged("gradient norm", float(norm), it + 1, ckpt.last))
             opt.step()
-            sched.step()
             it += 1
-            window.add(loss_value, t_data, time.perf_counter() - t0)
+            step = time.perf_counter() - t0  # loss_value synchronised with the device
+            clock.train_s += step
+            if budget is not None:  # every rank follows rank 0's clock: same steps everywhere
+                clock.train_s, = distributed.broadcast_floats([clock.train_s], dist, device)
+            sched.step()
+            window.add(loss_value, t_data, step)
             val_psnr = None
-            if cfg.val_every and data.val_pairs and (it % cfg.val_every == 0 or it == cfg.iters):
-                val_psnr = _validate(spec, data.val_pairs, task, device, autocast, dist)
-                ckpt.validated(it, val_psnr)
-            if it % cfg.ckpt_every == 0 or it == stop:
+            point = clock.due_point(cfg)
+            if point is not None:
+                clock.points_done = point
+                if data.val_pairs:
+                    val_psnr = validate(point)
+                ckpt.save(it)
+            elif cfg.val_every and data.val_pairs and (it % cfg.val_every == 0
+                                                       or it == cfg.iters):
+                val_psnr = validate(None)
+            if (cfg.ckpt_every and it % cfg.ckpt_every == 0) or (it == stop and point is None):
                 ckpt.save(it)
             if log is not None and (it % cfg.log_every == 0 or it == stop or val_psnr is not None):
                 loss_mean, wait, step_time = window.flush()
@@ -502,18 +662,22 @@ def _loop(cfg: TrainConfig, task: TaskConfig, spec: ModelSpec, model, opt, sched
                            "lr": f"{opt.param_groups[0]['lr']:.6g}",
                            "data_wait_fraction": f"{wait:.4f}", "step_time": f"{step_time:.6g}",
                            "val_psnr": "" if val_psnr is None else f"{val_psnr:.4f}",
-                           "elapsed_s": f"{time.perf_counter() - t_run:.2f}"})
+                           "elapsed_s": f"{time.perf_counter() - t_run:.2f}",
+                           "train_s": f"{clock.train_s:.3f}"})
                 bar.set_postfix(loss=f"{loss_mean:.4g}", wait=f"{wait:.0%}",
                                 **({"val": f"{val_psnr:.2f}"} if val_psnr is not None else {}))
-            bar.update()
+            bar.update(1 if budget is None else round(clock.train_s) - bar.n)
     finally:
         bar.close()
         del data_iter
-    return {"iteration": it, "finished": it >= cfg.iters, "best_val_psnr": ckpt.best,
+    finished = it >= limit or (budget is not None and clock.train_s >= budget)
+    return {"iteration": it, "finished": finished, "best_val_psnr": ckpt.best,
             "last_val_psnr": val_psnr, "wall_s": time.perf_counter() - t_run,
             "data_wait_fraction": (window.wait_total / window.time_total
                                    if window.time_total else None),
-            "mean_step_time": window.time_total / max(1, it - start)}
+            "mean_step_time": window.time_total / max(1, it - start),
+            "train_s": clock.train_s, "val_s": clock.val_s, "ckpt_s": clock.ckpt_s,
+            "time_budget_s": budget}
 
 
 def _norm(v):
