@@ -29,12 +29,16 @@ from bench.errors import UsageError
 @click.option("--limit", type=int, default=None, help="First N images of each set.")
 @click.option("--images", default="", help="Only these images (comma list of file stems).")
 @click.option("--no-lpips", is_flag=True, help="Skip LPIPS (rows say so).")
+@click.option("--lpips-weights", default=None, metavar="DIR",
+              help="Folder holding alexnet-owt-7be5be79.pth and LPIPS_v0.1_alex-df73285e.pth, "
+                   "for machines that cannot download them (default: $SERPENT_BENCH_LPIPS_WEIGHTS,"
+                   " else torch hub's and pyiqa's caches).")
 @click.option("--allow-overlap", is_flag=True,
               help="Score even on images the weights were trained on (rows carry the count).")
 @options.progress_option
 def eval_cmd(models, weights, task, scale, blur_sigma, kernel_size, noise_sigma, data_root,
              overrides, eval_sets, out, save_images, grid, tile, tile_overlap, device, dtype,
-             limit, images, no_lpips, allow_overlap, progress):
+             limit, images, no_lpips, lpips_weights, allow_overlap, progress):
     """Evaluate MODELS on deterministic degraded inputs; prints per-set means.
 
     \b
@@ -69,7 +73,7 @@ def eval_cmd(models, weights, task, scale, blur_sigma, kernel_size, noise_sigma,
     eval_models = [load_eval_model(n, cfg, w, dev, ovr) for n, w in zip(names, wlist)]
     for problem in check_train_overlap(eval_models, sets, allow_overlap):
         click.echo(f"WARNING: train/eval overlap: {problem}", err=True)
-    metrics = Metrics(cfg, dev, lpips=not no_lpips)
+    metrics = Metrics(cfg, dev, lpips=not no_lpips, lpips_weights=lpips_weights)
     if metrics.lpips is None:
         click.echo(f"note: LPIPS {metrics.lpips_status}", err=True)
     rows = evaluate(eval_models, cfg, sets, device=dev, dtype=dtype, tile=tile,

@@ -20,9 +20,13 @@ Metric conventions (what a reader of a row needs to know):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
+import re
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -104,26 +108,71 @@ def psnr_rgb(x: torch.Tensor, y: torch.Tensor, border: int = 0) -> float:
 # ----------------------------------------------------------------------------- metrics
 
 
-def lpips_weight_files() -> list[Path]:
-    """The two files pyiqa's LPIPS (alex, v0.1) would download: torchvision's AlexNet and the
-    LPIPS linear layers."""
+LPIPS_WEIGHTS_ENV = "SERPENT_BENCH_LPIPS_WEIGHTS"
+
+
+def lpips_weight_files(weights_dir: str | Path | None = None) -> list[Path]:
+    """The two files pyiqa's LPIPS (alex, v0.1) needs: torchvision's AlexNet and the LPIPS
+    linear layers. In `weights_dir` (--lpips-weights, or $SERPENT_BENCH_LPIPS_WEIGHTS) when
+    given, else where pyiqa and torchvision would download them (torch hub's checkpoints folder
+    and pyiqa's cache)."""
     import torchvision
     from pyiqa.archs.lpips_arch import default_model_urls
     from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
 
     alex = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     lin = default_model_urls["0.1_alex"].rsplit("/", 1)[-1]
+    if weights_dir:
+        return [Path(weights_dir) / alex, Path(weights_dir) / lin]
     return [Path(torch.hub.get_dir()) / "checkpoints" / alex, Path(DEFAULT_CACHE_DIR) / lin]
 
 
-def make_lpips(device):
+@contextlib.contextmanager
+def _hub_dir_with(checkpoint: Path):
+    """torch hub pointed at a temporary folder whose checkpoints/ holds `checkpoint` (a link):
+    torchvision then loads the AlexNet weights from it instead of downloading them."""
+    old = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "checkpoints").mkdir()
+        (Path(tmp) / "checkpoints" / checkpoint.name).symlink_to(checkpoint.resolve())
+        torch.hub.set_dir(tmp)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(old)
+
+
+def _load_lpips_layers(net: torch.nn.Module, path: Path) -> None:
+    """The LPIPS linear layers from `path` (weights_only: a user's folder is not trusted to
+    run code), every key checked: none missing, none left over."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = {k for k in net.state_dict() if re.match(r"lin\d+\.", k)}  # (lins.N: the same)
+    if set(state) != own:
+        raise ValueError(f"{path.name} does not hold LPIPS v0.1 alex linear layers "
+                         f"(missing {sorted(own - set(state))[:3]}, unexpected "
+                         f"{sorted(set(state) - own)[:3]})")
+    net.load_state_dict(state, strict=False)  # strict over the lin layers, checked above
+    net.eval()
+
+
+def make_lpips(device, weights_dir: str | Path | None = None):
     """(metric or None, status). Never downloads: missing files -> unavailable, at once."""
+    weights_dir = weights_dir or os.environ.get(LPIPS_WEIGHTS_ENV) or None
     try:
-        missing = [str(p) for p in lpips_weight_files() if not p.is_file()]
+        alex, lin = lpips_weight_files(weights_dir)
+        missing = [str(p) for p in (alex, lin) if not p.is_file()]
         if missing:
-            return None, f"unavailable: weights not in the local cache ({', '.join(missing)})"
+            hint = ("" if weights_dir else f"; put them in a folder and pass --lpips-weights DIR "
+                    f"(or set {LPIPS_WEIGHTS_ENV})")
+            return None, f"unavailable: weights not found ({', '.join(missing)}){hint}"
         import pyiqa
-        return pyiqa.create_metric("lpips", device=device), "ok"
+
+        if not weights_dir:
+            return pyiqa.create_metric("lpips", device=device), "ok"
+        with _hub_dir_with(alex):
+            metric = pyiqa.create_metric("lpips", device=device, pretrained=False)
+        _load_lpips_layers(metric.net, lin)
+        return metric, f"ok (weights from {weights_dir})"
     except Exception as e:  # noqa: BLE001  (any failure must become a status, not a crash)
         return None, f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
@@ -131,7 +180,8 @@ def make_lpips(device):
 class Metrics:
     """pyiqa PSNR/SSIM on RGB and on Y (BT.601), LPIPS when available; see module doc."""
 
-    def __init__(self, cfg: TaskConfig, device="cpu", lpips: bool = True):
+    def __init__(self, cfg: TaskConfig, device="cpu", lpips: bool = True,
+                 lpips_weights: str | Path | None = None):
         import pyiqa
 
         self.border = cfg.scale if cfg.task == "sr" else 0
@@ -142,7 +192,7 @@ class Metrics:
             "psnr_y": pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr", **kw),
             "ssim_y": pyiqa.create_metric("ssim", test_y_channel=True, color_space="ycbcr", **kw),
         }
-        self.lpips, self.lpips_status = (make_lpips(device) if lpips
+        self.lpips, self.lpips_status = (make_lpips(device, lpips_weights) if lpips
                                          else (None, "unavailable: disabled (--no-lpips)"))
 
     def __call__(self, out: torch.Tensor, gt: torch.Tensor) -> dict:
