@@ -18,15 +18,19 @@ from pathlib import Path
 
 from bench.errors import UsageError
 from bench.files import slug
-from bench.report.data import SETTING_KEYS, ReportData, matches, parse_filters, prepare
-from bench.report.figures import (Canvas, gflops_vs_res, headline, memory_vs_res,
-                                  model_styles, quality_vs_gflops, throughput_vs_res)
-from bench.report.tables import (METRICS, Table, num, efficiency_table, quality_table,
+from bench.report.data import (SETTING_KEYS, ReportData, base_model, matches, parse_filters,
+                               prepare)
+from bench.report.figures import (Canvas, gflops_vs_res, headline, largest_image,
+                                  memory_vs_res, model_styles, quality_vs_cost,
+                                  quality_vs_train_time, throughput_vs_res)
+from bench.report.tables import (METRICS, Table, efficiency_table, fmt, num, quality_table,
                                  to_csv, to_latex, to_markdown)
 
 FORMATS = ("pdf", "png", "svg")
 MARKER_FILE = ".bench-report"  # marks a folder this command may replace
-CARD_METRICS = ("latency", "throughput", "memory")
+CARD_METRICS = ("latency", "throughput", "memory", "activation_memory")
+MEMORY_METRICS = ("memory", "activation_memory")
+LARGEST_FROM = 2048  # a setting swept to this side gets a "largest image per model" table
 
 
 @dataclass
@@ -158,6 +162,11 @@ def _build(data: ReportData, stage: Path, formats, dpi, headline_filters, flops_
     cards = Section("Latency, throughput and peak memory",
                     "Measured per card; rows from different cards are never mixed.")
     quality = Section("Quality")
+    training = Section("Training curves", "Validation quality against training time (the "
+                       "clock counts data loading and optimizer steps; validation and "
+                       "checkpoints are timed apart), from `bench train` validation rows.")
+    largest = Section("Largest image per model", "The biggest output each model ran at on one "
+                      "card, per setting, and what stopped the next size.")
     groups = list(_card_groups(eff)) if len(eff) else []
     heads = _headline_memory(groups, tasks, ref, headline_filters) if ref else {}
     for task, scale in tasks:
@@ -173,14 +182,16 @@ def _build(data: ReportData, stage: Path, formats, dpi, headline_filters, flops_
     for setting, card, rows in groups:
         stem = f"{setting_slug(setting)}_{slug(card)}"
         label = f"{setting_text(setting)} — {card}"
+        # a CUDA-graph row's memory is what the capture allocated, not a peak during replay
+        graph = bool(setting.get("cuda_graph"))
         for metric in CARD_METRICS:
-            if _has(rows, metric):
+            if _has(rows, metric) and not (graph and metric in MEMORY_METRICS):
                 m = METRICS[metric]
                 unit = f" ({m.unit})" if m.unit else ""
                 cards.items.append(efficiency_table(
                     rows, m, name=f"{metric}_{stem}", reference=ref, order=data.order,
                     title=f"{m.name.capitalize()}{unit}, {label}"))
-        if _has(rows, "memory"):
+        if _has(rows, "memory") and not graph:
             cards.items.append(memory_vs_res(canvas, rows, name=f"memory_vs_res_{stem}",
                                              title=(setting_text(setting), card), **kw))
         if _has(rows, "throughput"):
@@ -196,9 +207,13 @@ def _build(data: ReportData, stage: Path, formats, dpi, headline_filters, flops_
             head.items.append(headline(
                 canvas, rows, mem[2] if mem else None, name=f"headline_{_task_slug(task, scale)}",
                 title=_task_text(task, scale), mem_title=mem_title, **kw))
+        if rows["res"].max() >= LARGEST_FROM:
+            _largest(largest, canvas, rows, setting, card, kw)
     if len(qual):
         _quality(quality, canvas, data, styles, flops_res)
-    return [s for s in (head, flops, cards, quality) if s.items]
+    if len(data.val):
+        _training(training, canvas, data, styles)
+    return [s for s in (head, flops, cards, largest, quality, training) if s.items]
 
 
 def _headline_memory(groups, tasks, ref, headline_filters) -> dict:
@@ -225,6 +240,34 @@ def _headline_memory(groups, tasks, ref, headline_filters) -> dict:
     return {t: min(c, key=lambda x: x[0])[1] if c else None for t, c in cands.items()}
 
 
+def _network(label: str) -> str:
+    """The label of the network a label measures: an alias (nafnet = nafnet_w64, serpent =
+    serpent_s) maps to its network, so quality rows under one name meet cost rows under the
+    other. Labels that are not registered models (input) stay as they are."""
+    from bench.registry import model_info
+
+    base = base_model(label)
+    try:
+        target = model_info(base).alias_of
+    except UsageError:
+        return label
+    return target + label[len(base):] if target else label
+
+
+def _cost_rows(eff, task, scale, res) -> dict:
+    """{(card, network label): inference row at `res`, batch 1, no compile/graph/channels_last},
+    bf16 preferred (the study's precision), else fp32: what the quality-vs-latency figure
+    plots."""
+    part = eff[(eff["task"] == task) & (eff["scale"] == scale) & (eff["res"] == res)
+               & (eff["mode"] == "infer") & (eff["batch"] == 1) & (eff["status"] == "ok")
+               & ~eff["compile"] & ~eff["channels_last"] & ~eff["cuda_graph"]
+               & eff["latency_ms_median"].notna()]
+    out = {}
+    for r in part.sort_values("dtype", key=lambda s: s != "bf16").to_dict("records"):
+        out.setdefault((r["device_name"], _network(r["label"])), r)
+    return out
+
+
 def _quality(section: Section, canvas: Canvas, data: ReportData, styles, flops_res):
     qual, eff = data.qual, data.eff
     tasks = qual.groupby(["task", "scale", "degradation"], sort=True)
@@ -244,19 +287,98 @@ def _quality(section: Section, canvas: Canvas, data: ReportData, styles, flops_r
             raise UsageError(f"--flops-res {flops_res}: no GFLOPs rows at that resolution for "
                              f"{_task_text(task, scale)}; available: {avail}")
         res = flops_res or (256 if 256 in avail else avail[0])
-        cost = {r["label"]: r for r in fl[fl["res"] == res].to_dict("records")}
+        cost = {_network(r["label"]): r for r in fl[fl["res"] == res].to_dict("records")}
+        latency = _cost_rows(eff, task, scale, res)
+        cards = sorted({card for card, _ in latency})
         metric_key = "psnr_y" if task == "sr" else "psnr"
         metric = "PSNR-Y (dB)" if task == "sr" else "PSNR (dB)"
         for ds, part in rows.groupby("dataset", sort=True):
-            points = [(lb, cost[lb]["gflops"], q, num(cost[lb]["params"]))
-                      for lb, q in zip(part["label"], part[metric_key].map(num))
-                      if lb in cost and num(cost[lb]["gflops"]) and q is not None]
-            if len(points) < 2:
-                continue
-            section.items.append(quality_vs_gflops(
-                canvas, points, styles=styles, reference=data.reference,
-                name=f"quality_vs_gflops_{ts}_{slug(ds)}", title=f"{_task_text(task, scale)}, {ds}",
-                metric=metric, flops_res=res))
+            scored = [(lb, q) for lb, q in zip(part["label"], part[metric_key].map(num))
+                      if q is not None]
+            points = [(lb, cost[_network(lb)]["gflops"], q, num(cost[_network(lb)]["params"]))
+                      for lb, q in scored
+                      if _network(lb) in cost and num(cost[_network(lb)]["gflops"])]
+            where = f"{_task_text(task, scale)}, {ds}"
+            if len(points) >= 2:
+                section.items.append(quality_vs_cost(
+                    canvas, points, styles=styles, reference=data.reference,
+                    name=f"quality_vs_gflops_{ts}_{slug(ds)}", title=where, metric=metric,
+                    cost="GFLOPs", xlabel=f"GFLOPs per image at {res}×{res} (log scale)"))
+            for card in cards:
+                pts = [(lb, r["latency_ms_median"], q, num(r["params"])) for lb, q in scored
+                       if (r := latency.get((card, _network(lb))))]
+                if len(pts) < 2:
+                    continue
+                dtype = {latency[(card, _network(lb))]["dtype"] for lb, *_ in pts}
+                section.items.append(quality_vs_cost(
+                    canvas, pts, styles=styles, reference=data.reference,
+                    name=f"quality_vs_latency_{ts}_{slug(ds)}_{slug(card)}",
+                    title=f"{where}, {card}", metric=metric, cost="measured latency",
+                    xlabel=f"{'/'.join(sorted(dtype))} inference latency at {res}×{res} (ms, "
+                           "log scale)"))
+
+
+def _training(section: Section, canvas: Canvas, data: ReportData, styles):
+    """Time-to-quality curves and the final validation of each run, per task and card."""
+    val = data.val
+    keys = ["task", "scale", "degradation", "val_sets", "device_name"]
+    for (task, scale, degr, sets, card), rows in val.groupby(keys, sort=True):
+        key = "psnr_y" if task == "sr" and "psnr_y" in rows and rows["psnr_y"].notna().any() \
+            else ("psnr" if "psnr" in rows and rows["psnr"].notna().any() else "val_psnr")
+        metric = {"psnr_y": "PSNR-Y (dB)", "psnr": "PSNR (dB)", "val_psnr": "PSNR (dB)"}[key]
+        where = f"{_task_text(task, scale)}, validation on {sets}, {card}"
+        stem = slug(_task_slug(task, scale), sets, card)
+        section.items.append(quality_vs_train_time(
+            canvas, rows, order=data.order, styles=styles, reference=data.reference,
+            name=f"train_curve_{stem}", title=where, metric=metric, key=key))
+        headers = ["model", "budget (s)", "training (s)", "validation (s)", "iterations",
+                   "images seen", *[m for m in ("psnr", "ssim", "psnr_y", "ssim_y")
+                                     if m in rows and rows[m].notna().any()]]
+        cells, values = [], []
+        for lb in [lb for lb in data.order if lb in set(rows["label"])]:
+            last = rows[rows["label"] == lb].sort_values("train_s").iloc[-1]
+            vals = [lb, num(last.get("time_budget_s")), num(last["train_s"]),
+                    num(last.get("val_s")), int(last["iteration"]), int(last["images_seen"]),
+                    *[num(last[m]) for m in headers[6:]]]
+            values.append(vals)
+            cells.append([vals[0], *[fmt(v) if isinstance(v, float) or v is None else str(v)
+                                     for v in vals[1:]]])
+        section.items.append(Table(
+            f"train_final_{stem}", f"Last validation of each run, {where}", headers, cells,
+            values, footnotes=["Scores: pyiqa PSNR/SSIM on RGB and on Y (BT.601), outputs "
+                               "clamped and quantized to 8 bits; validation images are whole."]))
+
+
+def _largest(section: Section, canvas: Canvas, rows, setting: dict, card: str, kw: dict):
+    """Largest side each model ran at in this setting on this card, and what stopped the
+    next size (an OOM row, an error such as the per-call time limit, or not tried)."""
+    where = f"{setting_text(setting)}, {card}"
+    table, cells, values = [], [], []
+    for lb in [lb for lb in kw["order"] if lb in set(rows["label"])]:
+        mine = rows[rows["label"] == lb].sort_values("res")
+        ok = mine[mine["status"] == "ok"]
+        big = int(ok["res"].max()) if len(ok) else None
+        after = mine[(mine["res"] > (big or 0)) & (mine["status"] != "ok")]
+        stop = after.iloc[0] if len(after) else None
+        at = ok[ok["res"] == big].iloc[0] if big else None
+        why = (f"{int(stop['res'])}: {stop['status']}" + (f" ({str(stop['message'])[:60]})"
+               if stop["status"] == "error" and stop.get("message") else "")
+               if stop is not None else "larger not tried")
+        vals = [lb, big, num(at["latency_ms_median"]) if at is not None else None,
+                num(at["mem_peak_alloc_mb"]) / 1024 if at is not None and
+                num(at["mem_peak_alloc_mb"]) else None, why]
+        values.append(vals)
+        cells.append([lb, f"{big}²" if big else "none", fmt(vals[2]), fmt(vals[3]), why])
+        table.append((lb, big, int(stop["res"]) if stop is not None else None))
+    stem = f"{setting_slug(setting)}_{slug(card)}"
+    section.items.append(Table(
+        f"largest_{stem}", f"Largest image per model, {where}",
+        ["model", "largest side that ran", "latency there (ms)", "peak memory there (GiB)",
+         "next size"], cells, values,
+        footnotes=["A size 'ran' when its row ended ok; the sweep stops growing a model at its "
+                   "first OOM, or when one call exceeds the per-call time limit."]))
+    section.items.append(largest_image(canvas, table, name=f"largest_{stem}",
+                                       title=(setting_text(setting), card), **kw))
 
 
 # ----------------------------------------------------------------------------- writing

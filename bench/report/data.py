@@ -29,6 +29,7 @@ _EXTRA_COLUMNS = ["device_mem_mb", "overrides", *VARIANT_FLAGS]
 class ReportData:
     eff: "object"  # pandas DataFrame: one row per (label, setting, res, card)
     qual: "object"  # pandas DataFrame: one mean row per (label, task, scale, degradation, dataset)
+    val: "object"  # pandas DataFrame: validation rows of `bench train` (training curves)
     reference: str | None
     order: list[str]  # every model label, in the fixed style order (see `label_order`)
     raw: "object"  # all rows after --filter (environment summary)
@@ -197,6 +198,9 @@ def efficiency_rows(df):
         eff[flag] = eff[flag].map(_bool)
     for c in ("scale", "batch", "res"):
         eff[c] = pd.to_numeric(eff[c]).astype(int)
+    # what the activations took: peak minus what was allocated before the timed calls
+    eff["mem_activation_mb"] = (pd.to_numeric(eff["mem_peak_alloc_mb"], errors="coerce")
+                                - pd.to_numeric(eff["mem_static_mb"], errors="coerce"))
     eff["label"] = [label_of(m, o) for m, o in zip(eff["model"], eff["overrides"])]
     # latest row per configuration and card; an error never beats a result
     eff["_rank"] = (eff["status"] != "error").astype(int)
@@ -255,6 +259,29 @@ def quality_rows(df):
     return means.sort_values(keys, kind="stable").reset_index(drop=True), before - len(means)
 
 
+def validation_rows(df):
+    """Validation rows of `bench train` runs (kind=validation): one per (label, task, scale,
+    degradation, validation sets, iteration, card), the latest kept."""
+    import pandas as pd
+
+    v = df[df["kind"] == "validation"].copy() if "kind" in df.columns else df.iloc[:0]
+    if v.empty:
+        return v
+    for c in ("degradation", "overrides", "time", "device_name", "time_budget_s"):
+        if c not in v.columns:
+            v[c] = None
+    v = _fill(v, "scale", 1)
+    v = _fill(v, "degradation", "")
+    v = _fill(v, "time", "")
+    v = _fill(v, "device_name", "unknown device")
+    v["scale"] = pd.to_numeric(v["scale"]).astype(int)
+    v["val_sets"] = [",".join(s) if isinstance(s, list) else str(s) for s in v["val_sets"]]
+    v["label"] = [label_of(m, o) for m, o in zip(v["model"], v["overrides"])]
+    keys = ["label", "task", "scale", "degradation", "val_sets", "iteration", "device_name"]
+    v = v.sort_values("time", kind="stable").drop_duplicates(keys, keep="last")
+    return v.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
 def resolve_reference(reference: str | None, labels) -> str | None:
     """--relative-to must name a model in the rows; by default serpent_s when present."""
     labels = set(labels)
@@ -271,7 +298,8 @@ def prepare(paths, filters=(), reference: str | None = None) -> ReportData:
     raw = apply_filters(load_rows(list(paths)), parse_filters(filters))
     eff, dropped_eff = efficiency_rows(raw)
     qual, dropped_q = quality_rows(raw)
-    labels = set(eff.get("label", [])) | set(qual.get("label", []))
+    val = validation_rows(raw)
+    labels = set(eff.get("label", [])) | set(qual.get("label", [])) | set(val.get("label", []))
     notes = []
     if dropped_eff:
         notes.append(f"{dropped_eff} efficiency row(s) superseded by a later measurement of the "
@@ -291,4 +319,5 @@ def prepare(paths, filters=(), reference: str | None = None) -> ReportData:
         notes.append("No reference model (serpent_s absent; pass --relative-to MODEL): "
                      "ratio columns and the headline figure are omitted.")
     order = label_order(labels - {"input"})
-    return ReportData(eff=eff, qual=qual, reference=ref, order=order, raw=raw, notes=notes)
+    return ReportData(eff=eff, qual=qual, val=val, reference=ref, order=order, raw=raw,
+                      notes=notes)

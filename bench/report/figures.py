@@ -305,9 +305,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def quality_vs_gflops(canvas: Canvas, points, *, styles, reference, name, title, metric,
-                      flops_res) -> Figure:
-    """points: [(label, gflops, quality, params)]; marker area ∝ parameters."""
+def quality_vs_cost(canvas: Canvas, points, *, styles, reference, name, title, metric,
+                    cost: str, xlabel: str) -> Figure:
+    """points: [(label, cost, quality, params)]; marker area ∝ parameters; the Pareto front of
+    (lower cost, higher quality) dashed. `cost` names the x quantity in the caption."""
     from matplotlib.lines import Line2D
 
     pmax = max((p for *_, p in points if p), default=1.0)
@@ -345,13 +346,68 @@ def quality_vs_gflops(canvas: Canvas, points, *, styles, reference, name, title,
         pad = max(0.1, (max(ys) - min(ys)) * 0.15)
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
         plain_log_ticks(ax, "x")
-        ax.set_xlabel(f"GFLOPs per image at {flops_res}×{flops_res} (log scale)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.set_title(title)
         _legend(fig, handles, names, max_cols=3)
-        return canvas.save(fig, Figure(name, f"{metric} vs GFLOPs, {title}: marker area ∝ "
-                                             "parameters; dashed: Pareto front (no model has "
-                                             "fewer FLOPs and higher quality)."))
+        return canvas.save(fig, Figure(name, f"{metric} vs {cost}, {title}: marker area ∝ "
+                                             "parameters; dashed: Pareto front (no model costs "
+                                             "less and scores higher)."))
+
+
+def quality_vs_train_time(canvas: Canvas, rows, *, order, styles, reference, name, title,
+                          metric: str, key: str) -> Figure:
+    """Validation quality against training seconds, one line per model (the equal-budget
+    study's time-to-quality curves)."""
+    with rc_context():
+        labels = _labels_in(rows, order)
+        fig, (ax,) = canvas.figure(height=2.2 + _legend_height(len(labels)))
+        for lb in labels:
+            part = rows[rows["label"] == lb].sort_values("train_s")
+            ax.plot(part["train_s"], part[key], label=lb, markersize=3.5,
+                    **styles[lb].line_kw(lb == reference))
+        budgets = sorted({float(b) for b in rows["time_budget_s"].dropna()})
+        for b in budgets:
+            ax.axvline(b, color="#949494", linestyle=":", linewidth=0.9, zorder=1)
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel(metric)
+        ax.set_xlim(left=0)
+        ax.set_title(title)
+        handles, names = ax.get_legend_handles_labels()
+        _legend(fig, handles, names)
+        budget = (f"; dotted: the time budget ({', '.join(f'{b:g} s' for b in budgets)})"
+                  if budgets else "")
+        return canvas.save(fig, Figure(name, f"{metric} on the validation images against "
+                                             f"training time (data loading and steps; "
+                                             f"validation and checkpoints excluded), "
+                                             f"{title}{budget}."))
+
+
+def largest_image(canvas: Canvas, table_rows, *, order, styles, reference, name, title: tuple
+                  ) -> Figure:
+    """Largest output side each model ran at on one card (bars, log2 scale); table_rows:
+    [(label, largest side or None, first failing side or None)]."""
+    with rc_context():
+        rows = [r for r in table_rows if r[1]]
+        labels = [lb for lb in order if lb in {r[0] for r in rows}]
+        fig, (ax,) = canvas.figure(height=0.6 + 0.22 * max(1, len(labels)))
+        side = {r[0]: r[1] for r in rows}
+        for i, lb in enumerate(labels):
+            st = styles[lb]
+            ax.barh(i, side[lb], color=st.color, height=0.6,
+                    edgecolor="black" if lb == reference else st.color)
+            ax.text(side[lb] * 1.08, i, f"{side[lb]}²", va="center", fontsize=6)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(min(side.values()) / 4, max(side.values()) * 4)
+        ax.set_xlabel("largest output side that ran (px, log2 scale)")
+        ax.set_title("\n".join(title))
+        return canvas.save(fig, Figure(name, f"Largest image per model on one card, "
+                                             f"{', '.join(title)}: "
+                                             "the biggest resolution whose measurement ended ok "
+                                             "(the next size ran out of memory, hit the per-call "
+                                             "time limit, or was not tried)."))
 
 
 def _size_examples(pmax: float) -> list[float]:

@@ -39,6 +39,11 @@ METRICS = {
     "memory": Metric("mem_peak_alloc_mb", "peak memory", "GiB", factor=1 / 1024,
                      note="peak memory: torch.cuda.max_memory_allocated after warm-up "
                           "(1 GiB = 1024 MiB)."),
+    "activation_memory": Metric("mem_activation_mb", "activation memory", "GiB",
+                                factor=1 / 1024,
+                                note="activation memory: peak memory minus what was allocated "
+                                     "before the timed calls (weights and inputs; for a "
+                                     "training step also gradients and optimizer state)."),
 }
 
 
