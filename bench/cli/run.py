@@ -73,10 +73,13 @@ def _resolve_gpus(spec: str | None) -> list[int] | None:
               help="CPU: measure this many configs at once, each in its own process (timings "
               "then share the CPU: use for params/FLOPs sweeps).")
 @options.progress_option
+@click.option("--max-call-s", type=float, default=None, metavar="SEC",
+              help="Skip (status skipped, 'too slow') a config whose first call takes longer "
+                   "than SEC seconds, instead of timing it: large-image sweeps.")
 @click.option("--cuda-graph", is_flag=True, help="Capture each step into a CUDA graph and time "
               "its replays: GPU time without host launch jitter (launch-bound models).")
 def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min_time, compile_,
-        channels_last, cuda_graph, measure, overrides, out, resume, isolate, timeout, gpus, workers, progress):
+        channels_last, max_call_s, cuda_graph, measure, overrides, out, resume, isolate, timeout, gpus, workers, progress):
     """Sweep models x resolutions and record params, FLOPs, latency, throughput and memory."""
     from pathlib import Path
 
@@ -91,7 +94,8 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
     configs = plan_sweep(models=models, res=res, task=task, scale=scale, batch=batch, dtype=dtype,
                          mode=mode, device=device, measure=measure, warmup=warmup, iters=iters,
                          min_time=min_time, compile=compile_, channels_last=channels_last,
-                         cuda_graph=cuda_graph, overrides=options.parse_overrides(overrides))
+                         cuda_graph=cuda_graph, overrides=options.parse_overrides(overrides),
+                         max_call_s=max_call_s)
     on_device = bool({"latency", "memory"} & set(configs[0].measure))
     cuda = device.startswith("cuda")
     out = Path(out) if out else Path("runs") / f"bench-{_dt.datetime.utcnow():%Y%m%d-%H%M%S}.jsonl"

@@ -38,6 +38,7 @@ class RunConfig:
     channels_last: bool = False
     cuda_graph: bool = False
     overrides: dict = field(default_factory=dict)
+    max_call_s: float | None = None  # a first call slower than this: row `skipped` (too slow)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,7 +83,8 @@ def plan_sweep(*, models: str | Sequence[str] = "all", res: str | Sequence[int] 
                measure: str | Sequence[str] | None = None, warmup: int | None = None,
                iters: int | None = None, min_time: float | None = None, compile: bool = False,
                channels_last: bool = False, cuda_graph: bool = False,
-               overrides: dict | None = None) -> list[RunConfig]:
+               overrides: dict | None = None, max_call_s: float | None = None
+               ) -> list[RunConfig]:
     """The configs of one sweep: models x resolutions x batches x modes x dtypes, in that order.
 
     `device` is a resolved device name ('cpu', 'cuda', 'cuda:N': see options.resolve_device).
@@ -114,6 +116,8 @@ def plan_sweep(*, models: str | Sequence[str] = "all", res: str | Sequence[int] 
     for name, value in (("--warmup", warmup), ("--iters", iters)):
         if value is not None and value < 0:
             raise UsageError(f"{name} must be >= 0")
+    if max_call_s is not None and max_call_s <= 0:
+        raise UsageError("--max-call-s must be positive (seconds)")
     on_device = bool({"latency", "memory"} & set(measures))
     if cuda_graph and not on_device:
         raise UsageError("--cuda-graph changes how latency and memory are measured; "
@@ -126,7 +130,7 @@ def plan_sweep(*, models: str | Sequence[str] = "all", res: str | Sequence[int] 
                   iters=d_iters if iters is None else iters,
                   min_time=d_min_time if min_time is None else min_time,
                   compile=compile, channels_last=channels_last, cuda_graph=cuda_graph,
-                  overrides=dict(overrides or {}))
+                  overrides=dict(overrides or {}), max_call_s=max_call_s)
         for m in names for r in resolutions for b in batches for md in modes for dt in dtypes
     ]
     for cfg in configs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 import traceback
 
 import torch
@@ -71,7 +72,9 @@ def measure_config(cfg: RunConfig) -> dict:
             del model
         if "latency" in cfg.measure or "memory" in cfg.measure:
             row.update(_run_on_device(cfg, device, shape))
-        row.update(status="ok", message="")
+        row.update(status="ok", message="", **achieved_tflops(row, cfg))
+    except TooSlow as e:
+        row.update(status="skipped", message=str(e))
     except torch.OutOfMemoryError as e:
         row.update(status="oom", message=str(e).splitlines()[0][:300])
     except Exception as e:  # noqa: BLE001 - a failing model is a result row, not a crash
@@ -120,6 +123,14 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
             scaler.step(opt)
             scaler.update()
 
+    out: dict = {}
+    if cfg.compile or cfg.max_call_s:  # the first call alone: compilation, or too slow to time
+        first_s = _first_call(prepare, step, device)
+        if cfg.compile:
+            out["compile_s"] = first_s  # torch.compile's tracing and codegen, plus one call
+        elif first_s > cfg.max_call_s:
+            raise TooSlow(f"too slow: one call took {first_s:.1f} s (--max-call-s "
+                          f"{cfg.max_call_s:g})")
     warmup = max(cfg.warmup, 1)
     if cfg.cuda_graph:  # eager warm-up, capture, then one replay before timing
         fn = capture_cuda_graph(step, prepare, device, warmup)
@@ -130,7 +141,6 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
             prepare()
             step()
 
-    out: dict = {}
     timed = "latency" in cfg.measure
     timing, memory = measure_with_memory(fn, device=device,
                                          warmup=1 if cfg.cuda_graph else warmup,
@@ -140,10 +150,55 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
         out.update(timing.as_row(cfg.batch, cfg.res * cfg.res))
     if "memory" in cfg.measure:
         out.update(memory)
+    out["cuda_kernels"] = count_cuda_kernels(fn, device)  # after the timed calls: no effect on them
     out["scan_backend"] = ",".join(sorted(scan.used_backends())) or "none"
     out["warmup"] = warmup
     out["amp"] = "autocast" if dtype != torch.float32 else "none"
     return out
+
+
+class TooSlow(RuntimeError):
+    """One call takes longer than --max-call-s: the config is skipped, not timed."""
+
+
+def _first_call(prepare, step, device: torch.device) -> float:
+    """Seconds of one call (synchronised): the first, which compiles under --compile."""
+    t0 = time.perf_counter()
+    if prepare is not None:
+        prepare()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def count_cuda_kernels(fn, device: torch.device) -> int | None:
+    """CUDA kernels that one call launches (torch.profiler's GPU activity; copies and memsets
+    not counted). Why it matters: a model of many small kernels is timed at the host's launch
+    pace, not the GPU's (Serpent before its fused scan: ~930 per forward). None on a CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def achieved_tflops(row: dict, cfg: RunConfig) -> dict:
+    """TFLOP/s the measured latency implies: forward GFLOPs x batch / median latency (a
+    training step counted as 3 forwards: forward + backward, the usual estimate). How far a
+    model is from the card's peak (H200: ~989 dense bf16 TFLOP/s)."""
+    gflops, ms = row.get("gflops"), row.get("latency_ms_median")
+    if not gflops or not ms:
+        return {}
+    passes = 3 if cfg.mode == "train" else 1
+    return {"tflops_achieved": gflops * passes * cfg.batch / ms,  # GFLOP/ms = TFLOP/s
+            "tflops_basis": "forward GFLOPs x batch / latency" + (" x 3 (train)" if passes > 1
+                                                                 else "")}
 
 
 def capture_cuda_graph(step, prepare, device: torch.device, warmup: int):

@@ -362,7 +362,7 @@ def _largest(section: Section, canvas: Canvas, rows, setting: dict, card: str, k
         stop = after.iloc[0] if len(after) else None
         at = ok[ok["res"] == big].iloc[0] if big else None
         why = (f"{int(stop['res'])}: {stop['status']}" + (f" ({str(stop['message'])[:60]})"
-               if stop["status"] == "error" and stop.get("message") else "")
+               if stop["status"] in ("error", "skipped") and stop.get("message") else "")
                if stop is not None else "larger not tried")
         vals = [lb, big, num(at["latency_ms_median"]) if at is not None else None,
                 num(at["mem_peak_alloc_mb"]) / 1024 if at is not None and
