@@ -41,13 +41,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--iters", type=int, default=50, help="our samples per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--models", default=None, help="only these workloads' models (comma list)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("timer_check needs CUDA", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     passed = True
+    wanted = set(args.models.split(",")) if args.models else None
     for name, res, dtype in WORKLOADS:
+        if wanted and name not in wanted:
+            continue
         rows = _check(name, res, dtype, args, device)
         append_rows(args.out, rows)  # per workload: a run stopped at its time limit keeps these
         passed &= all(r["passed"] for r in rows)
