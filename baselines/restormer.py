@@ -26,6 +26,8 @@ heads [1,2,4,8], FFN factor 2.66, bias False;
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -283,14 +285,17 @@ class Attention(nn.Module):
 
 
 def at_least_f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def norms(t: torch.Tensor) -> torch.Tensor:
     """|t| over the last (pixel) axis in at least float32, read straight from t's dtype:
     autocast would otherwise cast all of t to float32 first."""
     low = t.dtype in (torch.float16, torch.bfloat16)
-    with torch.autocast(t.device.type, enabled=False):
+    kind = t.device.type
+    no_autocast = (torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu")
+                   else contextlib.nullcontext())
+    with no_autocast:
         return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32 if low else None)
 
 
