@@ -14,8 +14,9 @@ the model's time (issue 13). Implementations (`impl`), all the same function:
   reduction, no layout change), then centre, scale and affine (three elementwise passes).
 - ``"triton"``: one fused kernel each way (forward: read x once, write y once; backward: read x
   and dy once, write dx once, per-channel partial sums for the weight and bias gradients), for
-  NCHW and channels_last maps alike. Runs where Triton runs (CUDA; a CPU under
-  ``TRITON_INTERPRET=1`` for the tests); elsewhere, meta tensors included (the FLOP counters),
+  NCHW and channels_last maps alike. Runs on CUDA (and on a CPU through Triton's interpreter
+  when `INTERPRET_ON_CPU` is set, for the tests); elsewhere, meta tensors included (the FLOP
+  counters),
   it computes ``"layer_norm"``. Under autocast its output is in the autocast dtype: the
   official norm returns float32 there, which the convolution that consumes it (every use in
   Restormer and NAFNet) casts to the autocast dtype first; skipping that round trip is the
@@ -93,11 +94,18 @@ def _channels_first(x, weight, bias, eps, centered):
 # --------------------------------------------------------------------------- Triton
 
 
+# Run the Triton kernels on CPU tensors too, through Triton's interpreter (tests, op counts):
+# needs TRITON_INTERPRET=1 in the environment before triton is first imported.
+INTERPRET_ON_CPU = False
+
+
 def triton_runs_on(x: torch.Tensor) -> bool:
-    """True where the Triton kernels can run on `x`: CUDA, or a CPU under TRITON_INTERPRET=1."""
+    """True where the Triton kernels run on `x`: CUDA, or a CPU when INTERPRET_ON_CPU is set
+    and Triton interprets."""
     if x.device.type == "cuda":
         return _triton_importable()
-    return x.device.type == "cpu" and _interpreting() and _triton_importable()
+    return (x.device.type == "cpu" and INTERPRET_ON_CPU and _interpreting()
+            and _triton_importable())
 
 
 def _interpreting() -> bool:
