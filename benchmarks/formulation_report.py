@@ -30,10 +30,14 @@ def load_rows(paths) -> list[dict]:
 
 
 def latest(rows: list[dict], kind: str) -> dict[str, dict]:
-    """Rows of `kind` by key, the last written winning (a resumed run may redo a config)."""
+    """Rows of `kind` by key: the last one written, but a measured row is never replaced by a
+    row that measured nothing (a skip in a later run over the same config)."""
     out = {}
     for r in rows:
-        if r.get("kind") == kind:
+        if r.get("kind") != kind:
+            continue
+        old = out.get(r["key"])
+        if old is None or r.get("status") == "ok" or old.get("status") != "ok":
             out[r["key"]] = r
     return out
 
