@@ -2,14 +2,29 @@
 
 Faithful to megvii-research/NAFNet `basicsr/models/archs/NAFNet_arch.py`: same module tree and
 parameter names, so the official checkpoints (`NAFNet-GoPro-width64.pth`, `NAFNet-SIDD-width32.pth`,
-...) load with `strict=True` and give the same outputs. Two deliberate differences, same function:
+...) load with `strict=True` and give the same outputs. How it is computed is a formulation
+(FORMULATIONS, baselines.formulation; `formulation="official"` runs the official ops). What the
+formulations change, and why it matters on a GPU (issue 13: our previous formulation,
+"layer_norm", was 14% slower than the official code at 1024 px in bf16 on an H200, and faster
+at 256 px where the official norm's many small kernels dominate):
 
-- LayerNorm2d: the official one is a custom autograd.Function (hand-written backward) that FLOP
-  counters cannot see. Here it is `F.layer_norm` over a channels-last view: one op the counters
-  know, gradient by autograd, zero-copy when the model runs in channels_last.
+- LayerNorm2d (72 per forward at width 64, GoPro). The official `LayerNormFunction` (a custom
+  autograd.Function that FLOP counters cannot see) runs ten reduction/elementwise kernels
+  forward and a hand-written backward, all over NCHW with no layout copies. "layer_norm" used
+  `F.layer_norm` over a channels-last view: one op the counters know, but on an NCHW map a
+  transposing copy in and one out. "triton" (baselines.channel_norm) reads the map once and
+  writes it once each way; "channels_first" is the same without a custom kernel. On meta
+  tensors (FLOP counting) every formulation counts as `F.layer_norm`.
+- The block's residuals `y + x * beta`: one addcmul each (`fused_residual`) instead of a
+  multiply and an add.
+- Memory format: "_cl" formulations run NHWC (cuDNN's tensor-core layout).
 - TLC (`tlc=True`, the official `NAFNetLocal` used by the GoPro test configs): the local average
   pool is the official integral-image computation, with the cumulative sums kept in at least
   float32 so half-precision runs do not overflow.
+
+GPU-PLACEHOLDER(issue 13): per-formulation latency and peak memory of NAFNet-w32/w64 on one
+H200 at 256/512/1024 px (official vs default, bf16/fp32, inference/training), from
+`python -m benchmarks.baseline_formulations` (results/<run>/...).
 
 Configurations (official option files):
 - deblur (GoPro, `options/test/GoPro/NAFNet-width{32,64}.yml`): enc [1,1,1,28], middle 1,

@@ -3,17 +3,32 @@ Restoration", CVPR 2022).
 
 Faithful to swz30/Restormer `basicsr/models/archs/restormer_arch.py`: same module tree and
 parameter names, so the official checkpoints (`motion_deblurring.pth`,
-`gaussian_color_denoising_*.pth`, ...) load with `strict=True`, and the same function. Computed
-differently, same function:
+`gaussian_color_denoising_*.pth`, ...) load with `strict=True`, and the same function. How it is
+computed is a formulation (FORMULATIONS, baselines.formulation; `formulation="official"` runs
+the official code's own ops). What the formulations change, and why it matters on a GPU
+(issue 13: our previous formulation, "layer_norm", was 41% slower than the official code at
+1024 px in bf16 on an H200):
 
-- Transposed (channel) attention (MDTA) with `attn_impl="sdpa"`: the official
-  ``softmax((q/|q|) (k/|k|)^T * temperature) v`` over channels is SDPA with the per-head
-  temperature folded into q and ``scale=1`` (sequence = channels of a head, embedding = pixels).
-  `attn_impl="math"` is the official explicit computation, and the registered default (see
-  `restormer()`: SDPA has no good kernel for this shape on CUDA).
-- The WithBias LayerNorm is `F.layer_norm` over the channels (one fused op with the same formula:
-  biased variance, eps 1e-5 inside the square root); BiasFree keeps the official expression,
-  which has no fused equivalent (it scales by the standard deviation without centring).
+- The channel LayerNorm (88 per forward). The official `to_3d` + manual mean/var runs two
+  reductions and five elementwise passes over each map (float32 outputs under autocast), with
+  no layout copies. "layer_norm" used `F.layer_norm` on the permuted NCHW map: a transposing
+  copy in (inside the op) and one out, in float32 under autocast, on rows of only 48-384 channels.
+  "triton" (baselines.channel_norm) reads the map once and writes it once, forward and
+  backward; "channels_first" is the same without a custom kernel.
+- Transposed attention (MDTA). The official F.normalize writes normalised float32 copies of q
+  and k (and autocast casts them back to bf16 for q k^T); "gram" computes the same C x C
+  matrix as ``(q k^T) / (|q| |k|^T)``: q and k are only read, and training saves no copies.
+  `attn_split` splits q k^T over pixel chunks (a split-K for the H*W-long contraction).
+- Memory format: "_cl" formulations run NHWC (cuDNN's tensor-core layout; depthwise
+  convolutions then go through cuDNN instead of PyTorch's NCHW depthwise kernel).
+- Large images: past 2048 px the level-1 maps pass 2^31 elements (510 x 4096^2 in the FFN), where
+  convolutions need 64-bit indexing; with `band_elements` set ("channels_first", "fused", ...) a
+  block whose tensors would pass it runs in row bands with a one-row halo (same values).
+- SDPA (`attn_impl="sdpa"`) stays an option but no formulation uses it (see `restormer()`).
+
+GPU-PLACEHOLDER(issue 13): per-formulation latency and peak memory on one H200 at
+256/512/1024 px (official vs default, bf16/fp32, inference/training), and the cause of the
+4096 px jump, from `python -m benchmarks.baseline_formulations` (results/<run>/...).
 
 Like the official code, the input height and width must be multiples of 8 (three 2x
 downsamplings; the official test scripts reflect-pad outside the model): registry multiple=8.
