@@ -559,7 +559,8 @@ class Runner:
             block = perturb(block).to(self.device)
             holder = nn.Sequential(block)
             _switch_blocks(holder, form, extra)
-            x = torch.randn(1, 96, side, side, device=self.device)
+            # bf16, as the convolution before it writes it under autocast in the model
+            x = torch.randn(1, 96, side, side, device=self.device, dtype=torch.bfloat16)
             step, _ = make_step(holder, x, torch.bfloat16, "infer")
             calls = 5 if side <= 2048 else 3
             row = timed(step, self.device, calls, self.deadline, self.args.reserve_s)
