@@ -60,6 +60,8 @@ def channel_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """Normalise every pixel of `x` (B, C, H, W) over its channels; keeps x's memory format."""
     if impl == "triton":
         if triton_runs_on(x):
+            if torch.compiler.is_compiling():  # opaque to torch.compile: run it eagerly
+                return _eager_triton(x, weight, bias, eps, centered, _out_dtype(x))
             return _TritonChannelNorm.apply(x, weight, bias, eps, centered, _out_dtype(x))
         impl = "layer_norm"
     if impl == "layer_norm":
@@ -142,6 +144,7 @@ def _blocks(c: int) -> tuple[int, int, int]:
 
 
 class _TritonChannelNorm(torch.autograd.Function):
+    """The fused forward and backward kernels as one autograd op."""
     @staticmethod
     def forward(ctx, x, weight, bias, eps, centered, out_dtype):
         fwd, _ = _kernels(_interpreting())
@@ -201,6 +204,11 @@ def _launch(name: str, tensors: tuple, run) -> None:
             run()
     for observe in LAUNCH_OBSERVERS:
         observe(name, tensors)
+
+
+@torch.compiler.disable
+def _eager_triton(x, weight, bias, eps, centered, out_dtype):
+    return _TritonChannelNorm.apply(x, weight, bias, eps, centered, out_dtype)
 
 
 @functools.lru_cache(maxsize=2)
