@@ -1,7 +1,8 @@
 """Each baseline in each formulation against its official formulation, on one GPU (issue 13).
 
     python -m benchmarks.baseline_formulations --out DIR [--deadline-s 290] [--resume ROWS]
-    python -m benchmarks.formulation_report DIR/rows.jsonl        # the markdown summary
+    python -m benchmarks.formulation_report DIR/rows.jsonl        # the summary again (also
+                                                                  # written to DIR/summary.md)
 
 The official architectures cannot be installed on the GPU machine; the "official formulation"
 is each model's own switch that re-states the official ops (Restormer: to_3d + manual mean/var
@@ -15,16 +16,19 @@ continues where the run stopped):
             and all gradients), bf16 (error against an fp32 reference, beside the official
             formulation's own), and the Triton channel norm against the torch formula.
 2. grid     Restormer, NAFNet-w64, NAFNet-w32: the grid formulations (default official, fused),
-            256/512/1024 px (1024 first), inference and training step, bf16 and fp32.
-3. screen   the other formulations at 1024 px bf16 inference and 512 px bf16 training.
+            256/512/1024 px (1024 first), inference and training step, bf16 and fp32 (Restormer's
+            1024 px training step waits for part 6).
+3. screen   the screen formulations (default fused_cl, channels_first) at 1024 px bf16
+            inference and 512 px bf16 training: the candidates for the default.
 4. huge     Restormer past 2048 px: convolutions just under / over 2^31 elements, q @ k^T with
             an H*W-long contraction (plain vs split), one full-resolution block at 2048 and
             4096 px with per-op profiles, and the whole model at 2048 / 4096 px.
 5. profile  per-op-class device time (conv / matmul / norm / attention / elementwise / copy) of
             Restormer and NAFNet-w64 at 256 and 1024 px bf16, inference and training step.
-6. late     the training step of Restormer at 1024 px (about 1.2 s a call).
-7. wide     the grid for the remaining grid formulations (default fused_cl).
-8. others   SwinIR (SDPA vs the official math attention) and MambaIR (no switch: our
+6. late     Restormer's training step at 1024 px (about 1.2 s a call), grid formulations.
+7. screen2  the remaining formulations (layer_norm = before issue 13, layer_norm_cl) as in 3.
+8. wide     the full grid for the wide formulations (default fused_cl).
+9. others   SwinIR (SDPA vs the official math attention) and MambaIR (no switch: our
             formulation is the official one) at 256 px.
 
 Timing: batch 1, CUDA events around each call after two warm-up calls (the first autotunes,
@@ -56,7 +60,7 @@ from bench.environment import environment
 from bench.timing import measure_with_memory
 from benchmarks.op_census import class_breakdown, scoped
 
-PARTS = ("checks", "grid", "screen", "huge", "profile", "late", "wide", "others")
+PARTS = ("checks", "grid", "screen", "huge", "profile", "late", "screen2", "wide", "others")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("infer", "train")
 
@@ -683,6 +687,9 @@ def parse_args(argv=None):
     ap.add_argument("--modes", default="infer,train")
     ap.add_argument("--grid-formulations", default="official,fused",
                     help="formulations of the full grid (part grid)")
+    ap.add_argument("--screen-formulations", default="fused_cl,channels_first",
+                    help="candidates timed at two configs first (part screen; the rest of the "
+                         "formulations follow in screen2)")
     ap.add_argument("--wide-formulations", default="fused_cl",
                     help="formulations given the full grid later (part wide)")
     ap.add_argument("--profile-formulations", default="official,fused,fused_cl")
@@ -700,6 +707,7 @@ def parse_args(argv=None):
     args.modes = args.modes.split(",")
     args.grid_formulations = args.grid_formulations.split(",")
     args.wide_formulations = [f for f in args.wide_formulations.split(",") if f]
+    args.screen_formulations = [f for f in args.screen_formulations.split(",") if f]
     args.profile_formulations = args.profile_formulations.split(",")
     args.huge_res = [int(r) for r in args.huge_res.split(",") if r]
     args.profile_res = [int(r) for r in args.profile_res.split(",") if r]
@@ -731,8 +739,8 @@ def main(argv=None) -> int:
           flush=True)
     timed_models = [m for m in args.models if m in ("restormer", "nafnet_w64", "nafnet_w32")]
     others = [m for m in args.models if m in ("swinir", "mambair")]
-    screen_forms = [f for f in restormer.FORMULATIONS
-                    if f not in args.grid_formulations and f not in args.wide_formulations]
+    rest = [f for f in restormer.FORMULATIONS
+            if f not in args.grid_formulations + args.screen_formulations]
 
     def late(name, res, mode):  # about 1.2 s a call: after the cheaper parts
         return name == "restormer" and res >= 1024 and mode == "train"
@@ -741,11 +749,10 @@ def main(argv=None) -> int:
         run.grid("grid", timed_models, lambda n: args.grid_formulations, args.res, args.dtypes,
                  args.modes, want=lambda *c: not late(*c))
 
-    def part_screen():
-        forms = args.wide_formulations + screen_forms
+    def screen(part, forms):
         for res, dname, mode in ((1024, "bf16", "infer"), (512, "bf16", "train")):
             if res in args.res:
-                run.grid("screen", timed_models, lambda n: forms, [res], [dname], [mode])
+                run.grid(part, timed_models, lambda n: forms, [res], [dname], [mode])
 
     def part_late():
         run.grid("late", timed_models, lambda n: args.grid_formulations, args.res, args.dtypes,
@@ -760,8 +767,10 @@ def main(argv=None) -> int:
             run.grid("others", [name], lambda n: WORKLOADS[n].formulations, args.others_res,
                      args.dtypes, args.modes)
 
-    parts = {"checks": run.checks, "grid": part_grid, "screen": part_screen, "huge": run.huge,
-             "profile": run.profile, "late": part_late, "wide": part_wide,
+    parts = {"checks": run.checks, "grid": part_grid,
+             "screen": lambda: screen("screen", args.screen_formulations), "huge": run.huge,
+             "profile": run.profile, "late": part_late,
+             "screen2": lambda: screen("screen2", rest), "wide": part_wide,
              "others": part_others}
     for part in PARTS:
         if part not in args.parts:
@@ -775,7 +784,16 @@ def main(argv=None) -> int:
                         "traceback": traceback.format_exc()[-3000:]})
             run.say(f"part {part} failed: {e!r}")
         run.drop_models()
-    run.say("done")
+    try:  # the markdown summary of every row so far (resumed rows included)
+        from benchmarks.formulation_report import load_rows, recommendation_text, summarize
+
+        paths = [rows.path] + ([Path(args.resume)] if args.resume else [])
+        every = load_rows([p for p in paths if p.exists()])
+        (out / "summary.md").write_text(summarize(every) + "\n")
+        print(recommendation_text(every), flush=True)
+    except Exception as e:  # noqa: BLE001 - the rows are what matters
+        print(f"summary failed: {e!r}", flush=True)
+    run.say(f"done; rows in {rows.path}, summary in {out / 'summary.md'}")
     return 0
 
 
