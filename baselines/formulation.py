@@ -26,7 +26,8 @@ def resolve_formulation(presets: dict[str, dict], name: str, **overrides) -> dic
     settings = dict(presets[name])
     unknown = set(overrides) - set(settings)
     if unknown:
-        raise ValueError(f"unknown formulation switches {sorted(unknown)}; known: {sorted(settings)}")
+        raise ValueError(f"unknown formulation switches {sorted(unknown)}; "
+                         f"known: {sorted(settings)}")
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings.get("memory_format", "preserve") not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, "

@@ -295,8 +295,8 @@ class Attention(nn.Module):
             values.append((v, hi - lo))
         attn = self._attention(qk, q_sq.sqrt(), k_sq.sqrt())
         w = x.shape[-1]
-        return torch.cat([self.project_out(self._weigh_values(attn, v, rows, w)) for v, rows in values],
-                         dim=2)
+        return torch.cat([self.project_out(self._weigh_values(attn, v, rows, w))
+                          for v, rows in values], dim=2)
 
 
 def at_least_f32(t: torch.Tensor) -> torch.Tensor:

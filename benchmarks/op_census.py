@@ -150,8 +150,8 @@ _VIEWS = {"aten::view", "aten::_unsafe_view", "aten::permute", "aten::transpose"
           "aten::as_strided", "aten::detach", "aten::unflatten", "aten::_reshape_alias",
           "aten::diagonal", "aten::lift_fresh", "aten::empty", "aten::empty_like",
           "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided", "aten::sym_size",
-          "aten::sym_stride", "aten::sym_numel", "aten::is_same_size", "aten::_record_function_enter_new",
-          "aten::_record_function_exit"}
+          "aten::sym_stride", "aten::sym_numel", "aten::is_same_size",
+          "aten::_record_function_enter_new", "aten::_record_function_exit"}
 
 
 class OpCensus(TorchDispatchMode):

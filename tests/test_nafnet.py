@@ -196,7 +196,7 @@ def test_tlc_kernels_and_checkpoint_compatibility():
     torch.testing.assert_close(local(x), plain(x))
 
 
-# --------------------------------------------------------------------------- formulations (issue 13)
+# ------------------------------------------------------------------------ formulations (issue 13)
 
 from baselines import channel_norm  # noqa: E402
 from baselines import nafnet as nafnet_module  # noqa: E402

@@ -71,7 +71,7 @@ def test_restormer_equals_official(norm):
         assert (set_attn_impl(ours, "sdpa")(x) - expected).abs().max() < 1e-5
 
 
-# --------------------------------------------------------------------------- formulations (issue 13)
+# ------------------------------------------------------------------------ formulations (issue 13)
 
 
 @pytest.fixture

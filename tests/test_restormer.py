@@ -130,7 +130,7 @@ def test_published_flops_are_the_convolutions():
     assert round(f.by_category_gmacs["sdpa"] * 1e9) == attn
 
 
-# --------------------------------------------------------------------------- formulations (issue 13)
+# ------------------------------------------------------------------------ formulations (issue 13)
 
 from baselines import channel_norm  # noqa: E402
 from baselines import restormer as restormer_module  # noqa: E402
