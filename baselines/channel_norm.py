@@ -206,9 +206,14 @@ def _launch(name: str, tensors: tuple, run) -> None:
         observe(name, tensors)
 
 
-@torch.compiler.disable
 def _eager_triton(x, weight, bias, eps, centered, out_dtype):
-    return _TritonChannelNorm.apply(x, weight, bias, eps, centered, out_dtype)
+    return _compile_disabled_apply()(x, weight, bias, eps, centered, out_dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _compile_disabled_apply():
+    # built on first use: torch.compiler.disable imports torch._dynamo (about a second)
+    return torch.compiler.disable(_TritonChannelNorm.apply)
 
 
 @functools.lru_cache(maxsize=2)

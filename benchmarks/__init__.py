@@ -1,0 +1,1 @@
+"""Standalone benchmark scripts: `python -m benchmarks.<name> --out results/<file>.jsonl`."""
