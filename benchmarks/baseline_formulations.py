@@ -410,6 +410,7 @@ class Runner:
                 return out, None
             model.train()
             model.zero_grad(set_to_none=True)
+            torch.manual_seed(3)  # SwinIR's stochastic depth: the same draws for every formulation
             with autocast(self.device, dtype):
                 loss = F.l1_loss(model(x).float(), torch.zeros_like(x))
             loss.backward()
