@@ -286,8 +286,9 @@ class Attention(nn.Module):
         values = []
         for lo, hi in bands:
             xb, top = with_halo(x, lo, hi)
-            qkv = self.qkv_dwconv(self.qkv(xb))[:, :, top:top + hi - lo]
-            q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=1))
+            q, k, v = self.qkv_dwconv(self.qkv(xb))[:, :, top:top + hi - lo].chunk(3, dim=1)
+            v = v.clone(memory_format=torch.preserve_format)  # keep v, not the band's qkv
+            q, k, v = (self._heads(t) for t in (q, k, v))
             parts = (at_least_f32(gram(q, k, self.attn_split)), norms(q).square(),
                      norms(k).square())
             qk, q_sq, k_sq = parts if qk is None else (qk + parts[0], q_sq + parts[1],

@@ -27,9 +27,15 @@ continues where the run stopped):
             Restormer and NAFNet-w64 at 256 and 1024 px bf16, inference and training step.
 6. late     Restormer's training step at 1024 px (about 1.2 s a call), grid formulations.
 7. screen2  the remaining formulations (layer_norm = before issue 13, layer_norm_cl) as in 3.
-8. wide     the full grid for the wide formulations (default fused_cl).
+8. wide     (not by default) the full grid for the wide formulations (default fused_cl): run
+            it when the screen says fused_cl beats fused.
 9. others   SwinIR (SDPA vs the official math attention) and MambaIR (no switch: our
             formulation is the official one) at 256 px.
+
+Budget (one H200, estimated from run 4's per-call times): checks ~25 s (Triton compiles
+included), grid ~210 s, screen ~45 s, huge ~100 s, profile ~40 s, late ~55 s, screen2 ~40 s,
+others ~40 s: about 9 minutes in all. `--deadline-s 290` stops after the screen; the same
+command with `--resume <first rows.jsonl>` does the rest.
 
 Timing: batch 1, CUDA events around each call after two warm-up calls (the first autotunes,
 cudnn.benchmark on), median and IQR of `--calls` (>= 20) calls; peak memory reset after the
@@ -61,6 +67,7 @@ from bench.timing import measure_with_memory
 from benchmarks.op_census import class_breakdown, scoped
 
 PARTS = ("checks", "grid", "screen", "huge", "profile", "late", "screen2", "wide", "others")
+DEFAULT_PARTS = tuple(p for p in PARTS if p != "wide")  # wide: when screen favours fused_cl
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("infer", "train")
 
@@ -681,7 +688,8 @@ def parse_args(argv=None):
     ap.add_argument("--reserve-s", type=float, default=5.0,
                     help="seconds kept free at the deadline (default 5)")
     ap.add_argument("--resume", help="rows of an earlier run: configs done there are skipped")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    ap.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                    help=f"subset of {','.join(PARTS)} (run in that order; default all but wide)")
     ap.add_argument("--models", default="restormer,nafnet_w64,nafnet_w32,swinir,mambair")
     ap.add_argument("--res", default="1024,512,256", help="grid resolutions, in run order")
     ap.add_argument("--dtypes", default="bf16,fp32")
