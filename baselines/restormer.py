@@ -63,7 +63,7 @@ REFERENCE = "Zamir et al., CVPR 2022, github.com/swz30/Restormer"
 # - norm_impl: "official" (to_3d + manual mean/var, the official code), or a
 #   baselines.channel_norm impl: "layer_norm", "channels_first", "triton";
 # - attn_impl: "math" (official: F.normalize(q), F.normalize(k), q @ k^T), "sdpa", or "gram"
-#   (normalisation folded into the C x C matrix: Attention.forward says why);
+#   (normalisation folded into the C x C matrix: the Attention docstring says why);
 # - attn_split: q @ k^T as the sum of this many partial products over pixel chunks (0: one);
 # - band_elements: a block whose largest intermediate would exceed this many elements runs in
 #   row bands (0: never); the default is int32's limit, past which tensors need 64-bit indexing;
