@@ -275,6 +275,7 @@ class Runner:
         self.args, self.device, self.rows, self.deadline = args, device, rows, deadline
         self.models: dict[str, nn.Module] = {}
         self.failed_checks: set[tuple[str, str]] = set()
+        self.triton_ok = True  # False when the Triton probe failed: those formulations skip
         self.block_ms: dict[tuple, float] = {}  # (side, form, overrides) -> huge block median
         self.model_ms: dict[tuple, float] = {}  # (side, form, overrides) -> huge model median
 
@@ -283,6 +284,10 @@ class Runner:
             torch.manual_seed(0)
             self.models[name] = perturb(WORKLOADS[name].build()).to(self.device)
         return self.models[name]
+
+    def usable(self, name: str, form: str) -> str:
+        """`form`, or its no-Triton twin ("channels_first") when the Triton probe failed."""
+        return "channels_first" if not self.triton_ok and uses_triton(name, form) else form
 
     def drop_models(self):
         self.models.clear()
@@ -308,6 +313,9 @@ class Runner:
             return
         if self.deadline.left() < self.args.reserve_s:
             self.rows.write({**base, "status": "skipped", "reason": "deadline"})
+            return
+        if not self.triton_ok and uses_triton(name, form):
+            self.rows.write({**base, "status": "skipped", "reason": "Triton probe failed"})
             return
         model = self.model(name)
         w.switch(model, form)
@@ -356,6 +364,8 @@ class Runner:
     def _check_channel_norm(self):
         from baselines.channel_norm import channel_norm
 
+        if not self.triton_ok:
+            return
         shapes = [(1, 48, 128, 128), (2, 96, 33, 40), (1, 1024, 16, 16)]
         for shape in shapes:
             for fmt in ("nchw", "nhwc"):
@@ -439,6 +449,8 @@ class Runner:
         official_bf16 = None
         for form in w.formulations:
             key = key_of("check", name, form)
+            if not self.triton_ok and uses_triton(name, form):
+                continue
 
             def run(form=form):
                 nonlocal official_bf16
@@ -561,6 +573,7 @@ class Runner:
                  f"{row.get('gb_per_s')} GB/s {row['status']}")
 
     def _huge_block(self, side, form, extra):
+        form = self.usable("restormer", form)
         key = key_of("huge_block", side, form, *(f"{k}={v}" for k, v in extra.items()))
         if key in self.rows.done or self.deadline.left() < self.args.reserve_s + 30:
             return
@@ -588,6 +601,7 @@ class Runner:
                  f"{row.get('mem_peak_alloc_mb')} MB {row['status']} {row.get('message', '')}")
 
     def _huge_model(self, side, form, extra):
+        form = self.usable("restormer", form)
         key = key_of("huge_model", side, form, *(f"{k}={v}" for k, v in extra.items()))
         if key in self.rows.done or self.deadline.left() < self.args.reserve_s + 30:
             return
@@ -621,6 +635,7 @@ class Runner:
                         self._profile(name, form, res, mode)
 
     def _profile(self, name, form, res, mode):
+        form = self.usable(name, form)
         key = key_of("profile", name, form, res, "bf16", mode)
         if key in self.rows.done or self.deadline.left() < self.args.reserve_s + 15:
             return
@@ -677,12 +692,84 @@ def profile_calls(model: nn.Module, step, device, calls: int = 2) -> dict:
     return class_breakdown(prof.events(), calls=calls, use_cpu_time=device.type != "cuda")
 
 
+# --------------------------------------------------------------------------- Triton probe
+
+
+PROBE_SHAPES = ((1, 48, 64, 64), (1, 1024, 8, 8), (2, 96, 17, 9))
+
+
+def probe_triton(device: str = "cuda", shapes=PROBE_SHAPES) -> int:
+    """Run the Triton channel norm (forward and backward, both layouts, both dtypes, both
+    norms) against the float64 formula; print one JSON line; exit status 0 if all agree.
+    Runs in a child process first, so a kernel that faults cannot take the CUDA context of
+    the benchmark with it (and its compiled kernels land in Triton's cache for the parent)."""
+    from baselines.channel_norm import channel_norm
+
+    results = []
+    for shape in shapes:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            for dtype in (torch.float32, torch.bfloat16):
+                for centered in (True, False):
+                    g = torch.Generator().manual_seed(0)
+                    x = (torch.randn(*shape, generator=g) * 2 + 0.5).to(device, dtype)
+                    x = x.contiguous(memory_format=fmt).requires_grad_()
+                    w = (torch.randn(shape[1], generator=g) + 1).to(device).requires_grad_()
+                    b = torch.randn(shape[1], generator=g).to(device).requires_grad_()
+                    bias = b if centered else None
+                    dy = torch.randn(*shape, generator=g).to(device, dtype)
+                    y = channel_norm(x, w, bias, 1e-6, impl="triton", centered=centered)
+                    grads = torch.autograd.grad(y, [x, w], dy)
+                    sync(torch.device(device))
+                    x64, w64 = x.detach().double().requires_grad_(), w.detach().double()
+                    w64.requires_grad_()
+                    b64 = b.detach().double() if centered else None
+                    ref = channel_norm(x64, w64, b64, 1e-6, impl="channels_first",
+                                       centered=centered)
+                    ref_grads = torch.autograd.grad(ref, [x64, w64], dy.double())
+                    errs = [((a.double() - r).abs().max() / r.abs().max()).item()
+                            for a, r in zip([y, *grads], [ref, *ref_grads])]
+                    tol = 1e-5 if dtype == torch.float32 else 3e-2
+                    results.append({"shape": shape, "channels_last": fmt == torch.channels_last,
+                                    "dtype": str(dtype), "centered": centered, "errors": errs,
+                                    "ok": max(errs) < tol})
+    ok = all(r["ok"] for r in results)
+    print(json.dumps({"triton_probe_ok": ok, "cases": results}), flush=True)
+    return 0 if ok else 1
+
+
+def run_probe(device) -> dict:
+    """The Triton probe in a child process (a fault there leaves this process untouched)."""
+    import subprocess
+
+    if device.type != "cuda":
+        return {"status": "skipped", "reason": "no CUDA"}
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", "benchmarks.baseline_formulations",
+                            "--probe-triton"], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "passed": False, "message": "probe timed out (300 s)"}
+    last = (p.stdout.strip().splitlines() or [""])[-1]
+    try:
+        report = json.loads(last)
+    except json.JSONDecodeError:
+        report = {"stderr_tail": p.stderr[-2000:]}
+    return {"status": "ok" if p.returncode in (0, 1) else "error", "passed": p.returncode == 0,
+            "returncode": p.returncode, "seconds": time.perf_counter() - t0, **report}
+
+
+def uses_triton(name: str, form: str) -> bool:
+    module = {"restormer": restormer, "nafnet_w32": nafnet, "nafnet_w64": nafnet}.get(name)
+    return bool(module) and module.FORMULATIONS.get(form, {}).get("norm_impl") == "triton"
+
+
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", required=True, help="directory for rows.jsonl")
+    ap.add_argument("--out", help="directory for rows.jsonl (required)")
+    ap.add_argument("--probe-triton", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-s", type=float, default=290.0,
                     help="stop starting new configs after this many seconds (default 290)")
     ap.add_argument("--reserve-s", type=float, default=5.0,
@@ -724,11 +811,15 @@ def parse_args(argv=None):
     unknown = (set(args.parts) - set(PARTS)) | (set(args.models) - set(WORKLOADS))
     if unknown:
         ap.error(f"unknown parts/models: {sorted(unknown)}")
+    if not args.out and not args.probe_triton:
+        ap.error("--out is required")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.probe_triton:
+        return probe_triton()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("baseline_formulations needs CUDA (--device cpu for a smoke test)", file=sys.stderr)
@@ -743,6 +834,11 @@ def main(argv=None) -> int:
     run = Runner(args, device, rows, deadline)
     rows.write({"kind": "run", "key": key_of("run", time.time()), "status": "info",
                 "args": {k: v for k, v in vars(args).items()}})
+    probe = run_probe(device)
+    rows.write({"kind": "triton_probe", "key": key_of("triton_probe", time.time()), **probe})
+    run.triton_ok = probe.get("passed", device.type != "cuda")
+    run.say(f"Triton probe (child process): passed={run.triton_ok} "
+            f"{probe.get('message', '')}{probe.get('stderr_tail', '')[-300:]}")
     print(f"{rows.env.get('cuda_device_name', rows.env['device_name'])}, torch {torch.__version__}"
           f", cudnn {rows.env['cudnn']}, triton {rows.env['triton']}; rows -> {rows.path}",
           flush=True)

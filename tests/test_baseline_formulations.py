@@ -108,3 +108,14 @@ def test_rows_resume_and_deadline(tmp_path):
                    reserve_s=0.0)
     assert row["status"] == "ok" and row["iters"] == 3
     assert not bf.bands_at(2048) and bf.bands_at(4096)  # 510 x 2048^2 < 2^31 - 1 < 510 x 4096^2
+
+
+def test_triton_probe_passes_with_the_kernels(monkeypatch, capsys):
+    """The probe the GPU run starts with (in a child process): every layout, dtype and norm
+    of the Triton kernels against float64, here through Triton's interpreter."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(channel_norm, "INTERPRET_ON_CPU", True)
+    assert bf.probe_triton("cpu", shapes=[(1, 48, 4, 8), (2, 70, 3, 5)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["triton_probe_ok"] and len(report["cases"]) == 16
+    assert bf.uses_triton("restormer", "fused") and not bf.uses_triton("nafnet_w64", "official")
