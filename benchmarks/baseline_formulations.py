@@ -12,6 +12,9 @@ try/except; rows appended and flushed as produced; OOM is a row; a deadline stop
 cleanly, every config it did not reach is a `skipped` row, and `--resume` with those rows
 continues where the run stopped):
 
+0. probe    (always, first) the Triton channel norm against float64 in a child process: a
+            faulting kernel cannot poison this process's CUDA context; if it fails, Triton
+            formulations are skipped (grid) or replaced by "channels_first" (huge, profile).
 1. checks   every formulation against the official one on the GPU: fp32 with TF32 off (outputs
             and all gradients), bf16 (error against an fp32 reference, beside the official
             formulation's own), and the Triton channel norm against the torch formula.
