@@ -702,39 +702,42 @@ PROBE_SHAPES = ((1, 48, 64, 64), (1, 1024, 8, 8), (2, 96, 17, 9))
 
 
 def probe_triton(device: str = "cuda", shapes=PROBE_SHAPES) -> int:
-    """Run the Triton channel norm (forward and backward, both layouts, both dtypes, both
-    norms) against the float64 formula; print one JSON line; exit status 0 if all agree.
-    Runs in a child process first, so a kernel that faults cannot take the CUDA context of
-    the benchmark with it (and its compiled kernels land in Triton's cache for the parent)."""
+    """Run the Triton channel norm as the models use it (forward and backward, NCHW and NHWC;
+    float32, bfloat16, and float32 in / bfloat16 out under autocast; plus the BiasFree norm)
+    against the float64 formula; print one JSON line; exit status 0 if all agree. Run in a
+    child process first, so a kernel that faults cannot take the benchmark's CUDA context with
+    it (and its compiled kernels land in Triton's cache for the parent)."""
     from baselines.channel_norm import channel_norm
 
+    cases = [(torch.float32, False, True), (torch.bfloat16, False, True),
+             (torch.float32, True, True), (torch.float32, False, False)]  # dtype, amp, centred
     results = []
     for shape in shapes:
         for fmt in (torch.contiguous_format, torch.channels_last):
-            for dtype in (torch.float32, torch.bfloat16):
-                for centered in (True, False):
-                    g = torch.Generator().manual_seed(0)
-                    x = (torch.randn(*shape, generator=g) * 2 + 0.5).to(device, dtype)
-                    x = x.contiguous(memory_format=fmt).requires_grad_()
-                    w = (torch.randn(shape[1], generator=g) + 1).to(device).requires_grad_()
-                    b = torch.randn(shape[1], generator=g).to(device).requires_grad_()
-                    bias = b if centered else None
-                    dy = torch.randn(*shape, generator=g).to(device, dtype)
+            for dtype, amp, centered in cases:
+                g = torch.Generator().manual_seed(0)
+                x = (torch.randn(*shape, generator=g) * 2 + 0.5).to(device, dtype)
+                x = x.contiguous(memory_format=fmt).requires_grad_()
+                w = (torch.randn(shape[1], generator=g) + 1).to(device).requires_grad_()
+                b = torch.randn(shape[1], generator=g).to(device).requires_grad_()
+                bias = b if centered else None
+                with autocast(torch.device(device), torch.bfloat16 if amp else torch.float32):
                     y = channel_norm(x, w, bias, 1e-6, impl="triton", centered=centered)
-                    grads = torch.autograd.grad(y, [x, w], dy)
-                    sync(torch.device(device))
-                    x64, w64 = x.detach().double().requires_grad_(), w.detach().double()
-                    w64.requires_grad_()
-                    b64 = b.detach().double() if centered else None
-                    ref = channel_norm(x64, w64, b64, 1e-6, impl="channels_first",
-                                       centered=centered)
-                    ref_grads = torch.autograd.grad(ref, [x64, w64], dy.double())
-                    errs = [((a.double() - r).abs().max() / r.abs().max()).item()
-                            for a, r in zip([y, *grads], [ref, *ref_grads])]
-                    tol = 1e-5 if dtype == torch.float32 else 3e-2
-                    results.append({"shape": shape, "channels_last": fmt == torch.channels_last,
-                                    "dtype": str(dtype), "centered": centered, "errors": errs,
-                                    "ok": max(errs) < tol})
+                dy = torch.randn(*shape, generator=g).to(device, y.dtype)
+                grads = torch.autograd.grad(y, [x, w], dy)
+                sync(torch.device(device))
+                x64 = x.detach().double().requires_grad_()
+                w64 = w.detach().double().requires_grad_()
+                b64 = b.detach().double() if centered else None
+                ref = channel_norm(x64, w64, b64, 1e-6, impl="channels_first", centered=centered)
+                ref_grads = torch.autograd.grad(ref, [x64, w64], dy.double())
+                errs = [((a.double() - r).abs().max() / r.abs().max()).item()
+                        for a, r in zip([y, *grads], [ref, *ref_grads])]
+                tol = 1e-5 if y.dtype == torch.float32 else 3e-2
+                results.append({"shape": shape, "channels_last": fmt == torch.channels_last,
+                                "dtype": str(dtype), "autocast_bf16": amp, "centered": centered,
+                                "out_dtype": str(y.dtype), "errors": errs,
+                                "ok": max(errs) < tol})
     ok = all(r["ok"] for r in results)
     print(json.dumps({"triton_probe_ok": ok, "cases": results}), flush=True)
     return 0 if ok else 1
