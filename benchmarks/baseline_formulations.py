@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from baselines import mambair, nafnet, restormer, swinir
 from baselines.attention import set_attn_impl
 from bench.environment import environment
-from bench.timing import measure_with_memory
+from bench.measure.timing import measure_with_memory
 from benchmarks.op_census import class_breakdown, scoped
 
 PARTS = ("checks", "grid", "screen", "huge", "profile", "late", "screen2", "wide", "others")
