@@ -2,14 +2,29 @@
 
 Faithful to megvii-research/NAFNet `basicsr/models/archs/NAFNet_arch.py`: same module tree and
 parameter names, so the official checkpoints (`NAFNet-GoPro-width64.pth`, `NAFNet-SIDD-width32.pth`,
-...) load with `strict=True` and give the same outputs. Two deliberate differences, same function:
+...) load with `strict=True` and give the same outputs. How it is computed is a formulation
+(FORMULATIONS, baselines.formulation; `formulation="official"` runs the official ops). What the
+formulations change, and why it matters on a GPU (issue 13: our previous formulation,
+"layer_norm", was 14% slower than the official code at 1024 px in bf16 on an H200, and faster
+at 256 px where the official norm's many small kernels dominate):
 
-- LayerNorm2d: the official one is a custom autograd.Function (hand-written backward) that FLOP
-  counters cannot see. Here it is `F.layer_norm` over a channels-last view: one op the counters
-  know, gradient by autograd, zero-copy when the model runs in channels_last.
+- LayerNorm2d (72 per forward at width 64, GoPro). The official `LayerNormFunction` (a custom
+  autograd.Function that FLOP counters cannot see) runs ten reduction/elementwise kernels
+  forward and a hand-written backward, all over NCHW with no layout copies. "layer_norm" used
+  `F.layer_norm` over a channels-last view: one op the counters know, but on an NCHW map a
+  transposing copy in and one out. "triton" (baselines.channel_norm) reads the map once and
+  writes it once each way; "channels_first" is the same without a custom kernel. On meta
+  tensors (FLOP counting) every formulation counts as `F.layer_norm`.
+- The block's residuals `y + x * beta`: one addcmul each (`fused_residual`) instead of a
+  multiply and an add.
+- Memory format: "_cl" formulations run NHWC (cuDNN's tensor-core layout).
 - TLC (`tlc=True`, the official `NAFNetLocal` used by the GoPro test configs): the local average
   pool is the official integral-image computation, with the cumulative sums kept in at least
   float32 so half-precision runs do not overflow.
+
+GPU-PLACEHOLDER(issue 13): per-formulation latency and peak memory of NAFNet-w32/w64 on one
+H200 at 256/512/1024 px (official vs default, bf16/fp32, inference/training), from
+`python -m benchmarks.baseline_formulations` (results/<run>/...).
 
 Configurations (official option files):
 - deblur (GoPro, `options/test/GoPro/NAFNet-width{32,64}.yml`): enc [1,1,1,28], middle 1,
@@ -27,27 +42,90 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from baselines.channel_norm import NORM_IMPLS as channel_norm_impls
+from baselines.channel_norm import channel_norm, check_norm_impl
+from baselines.formulation import (apply_memory_format, enter_format, leave_format,
+                                   resolve_formulation)
 from serpent.registry import register_model
+
+# --------------------------------------------------------------------------- formulations
+
+# Same function, different kernels (baselines.formulation). Switches:
+# - norm_impl: "official" (the official LayerNormFunction), or a baselines.channel_norm impl:
+#   "layer_norm", "channels_first", "triton";
+# - fused_residual: the block's two residuals `y + x * beta` as one addcmul kernel each
+#   (False: the official multiply then add, two kernels and an intermediate);
+# - memory_format: "preserve" or "channels_last".
+FORMULATIONS = {
+    "official": dict(norm_impl="official", fused_residual=False, memory_format="preserve"),
+    "layer_norm": dict(norm_impl="layer_norm", fused_residual=False,
+                       memory_format="preserve"),  # this module before issue 13
+    "channels_first": dict(norm_impl="channels_first", fused_residual=True,
+                           memory_format="preserve"),
+    "fused": dict(norm_impl="triton", fused_residual=True, memory_format="preserve"),
+    "fused_cl": dict(norm_impl="triton", fused_residual=True, memory_format="channels_last"),
+    "layer_norm_cl": dict(norm_impl="layer_norm", fused_residual=True,
+                          memory_format="channels_last"),
+}
+# GPU-PLACEHOLDER(issue 13): chosen by `python -m benchmarks.baseline_formulations` on one H200
+# (the fastest formulation of NAFNet-w32 and -w64 over 256/512/1024 px, bf16/fp32, inference
+# and training step); set from that run's summary and cite it here.
+DEFAULT_FORMULATION = "fused"
+
+NORM_IMPLS = ("official",) + channel_norm_impls
 
 # --------------------------------------------------------------------------- helpers
 
 
-class LayerNorm2d(nn.Module):
-    """Layer norm over the channels of an NCHW map (official LayerNorm2d, eps 1e-6)."""
+class LayerNormFunction(torch.autograd.Function):  # official (arch_util.py), restated
+    """The official channel layer norm of an NCHW map, with its hand-written backward."""
 
-    def __init__(self, channels: int, eps: float = 1e-6):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        ctx.eps = eps
+        N, C, H, W = x.size()
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        y = (x - mu) / (var + eps).sqrt()
+        ctx.save_for_backward(y, var, weight)
+        y = weight.view(1, C, 1, 1) * y + bias.view(1, C, 1, 1)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        eps = ctx.eps
+        N, C, H, W = grad_output.size()
+        y, var, weight = ctx.saved_tensors
+        g = grad_output * weight.view(1, C, 1, 1)
+        mean_g = g.mean(dim=1, keepdim=True)
+        mean_gy = (g * y).mean(dim=1, keepdim=True)
+        gx = 1. / torch.sqrt(var + eps) * (g - y * mean_gy - mean_g)
+        return (gx, (grad_output * y).sum(dim=3).sum(dim=2).sum(dim=0),
+                grad_output.sum(dim=3).sum(dim=2).sum(dim=0), None)
+
+
+class LayerNorm2d(nn.Module):
+    """Layer norm over the channels of an NCHW map (official LayerNorm2d, eps 1e-6).
+
+    `norm_impl="official"` is the official LayerNormFunction (ten elementwise and reduction
+    kernels forward, a hand-written backward, invisible to FLOP counters); the others are
+    baselines.channel_norm's formulations of the same function.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6, norm_impl: str = "official"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
+        self.norm_impl = check_norm_impl(norm_impl, NORM_IMPLS)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, norm_impl={self.norm_impl}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        y = y.permute(0, 3, 1, 2)
-        # keep the caller's memory format (the permuted result is channels_last-strided)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            return y
-        return y.contiguous()
+        if self.norm_impl == "official":
+            return LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
+        return channel_norm(x, self.weight, self.bias, self.eps, impl=self.norm_impl)
 
 
 class SimpleGate(nn.Module):
@@ -120,24 +198,37 @@ class NAFBlock(nn.Module):
         self.dropout2 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.fused_residual = False
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         x = self.sg(self.conv2(self.conv1(self.norm1(inp))))
         x = self.conv3(x * self.sca(x))
-        y = inp + self.dropout1(x) * self.beta
+        y = self.residual(inp, self.dropout1(x), self.beta)
         x = self.conv5(self.sg(self.conv4(self.norm2(y))))
-        return y + self.dropout2(x) * self.gamma
+        return self.residual(y, self.dropout2(x), self.gamma)
+
+    def residual(self, skip: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """skip + x * scale; one addcmul kernel when fused (same dtype rules: float32 under
+        autocast, where the scale parameter is float32)."""
+        if self.fused_residual:
+            return torch.addcmul(skip, x, scale)
+        return skip + x * scale
 
 
 # --------------------------------------------------------------------------- model
 
 
 class NAFNet(nn.Module):
-    """U-Net of NAFBlocks with a global residual; pads to 2**len(enc) itself and crops back."""
+    """U-Net of NAFBlocks with a global residual; pads to 2**len(enc) itself and crops back.
+
+    Official constructor arguments, plus `tlc` and the formulation switches (`formulation` and
+    its overrides: see FORMULATIONS)."""
 
     def __init__(self, *, img_channel: int = 3, width: int = 16, middle_blk_num: int = 1,
                  enc_blk_nums: tuple[int, ...] = (), dec_blk_nums: tuple[int, ...] = (),
-                 tlc: bool = False):
+                 tlc: bool = False, formulation: str = DEFAULT_FORMULATION,
+                 norm_impl: str | None = None, fused_residual: bool | None = None,
+                 memory_format: str | None = None):
         super().__init__()
 
         def blocks(chan: int, num: int, level: int) -> nn.Sequential:
@@ -162,11 +253,31 @@ class NAFNet(nn.Module):
             chan //= 2
             self.decoders.append(blocks(chan, num, len(dec_blk_nums) - 1 - i))
         self.padder_size = 2 ** len(self.encoders)
+        self.set_formulation(formulation, norm_impl=norm_impl, fused_residual=fused_residual,
+                             memory_format=memory_format)
 
-    def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        h, w = inp.shape[-2:]
+    def set_formulation(self, formulation: str = DEFAULT_FORMULATION, **overrides) -> "NAFNet":
+        """Switch how the model computes (same function, same weights), in place."""
+        settings = resolve_formulation(FORMULATIONS, formulation, **overrides)
+        check_norm_impl(settings["norm_impl"], NORM_IMPLS)
+        for module in self.modules():
+            if isinstance(module, LayerNorm2d):
+                module.norm_impl = settings["norm_impl"]
+            elif isinstance(module, NAFBlock):
+                module.fused_residual = settings["fused_residual"]
+        self.memory_format = settings["memory_format"]
+        apply_memory_format(self, self.memory_format)
+        self.formulation, self.formulation_settings = formulation, settings
+        return self
+
+    def extra_repr(self) -> str:
+        return f"formulation={self.formulation}, {self.formulation_settings}"
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
         m = self.padder_size
-        inp = F.pad(inp, (0, (m - w % m) % m, 0, (m - h % m) % m))
+        inp = enter_format(F.pad(image, (0, (m - w % m) % m, 0, (m - h % m) % m)),
+                           self.memory_format)
 
         x = self.intro(inp)
         skips = []
@@ -178,7 +289,7 @@ class NAFNet(nn.Module):
         for decoder, up, skip in zip(self.decoders, self.ups, skips[::-1]):
             x = decoder(up(x) + skip)
         x = self.ending(x) + inp
-        return x[..., :h, :w]
+        return leave_format(x[..., :h, :w], image)
 
 
 # --------------------------------------------------------------------------- constructors

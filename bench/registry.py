@@ -5,7 +5,8 @@ import fnmatch
 from dataclasses import dataclass
 
 from bench.errors import UsageError
-from serpent.registry import TASKS, ModelInfo, registered
+from bench.options import TASKS, default_scale
+from serpent.registry import ModelInfo, registered
 
 import baselines  # noqa: F401  (importing registers the models)
 import serpent  # noqa: F401
@@ -86,10 +87,6 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def default_scale(task: str) -> int:
-    return 8 if task == "sr" else 1  # DESIGN.md: x8 is the default SR task
-
-
 @dataclass(frozen=True)
 class InputSpec:
     """What a model is fed for an R x R output: the harness never guesses this per model."""
@@ -100,7 +97,7 @@ class InputSpec:
 
 
 def input_spec(info: ModelInfo, task: str, res: int, scale: int) -> InputSpec:
-    """Input size for an R x R output (DESIGN.md: x1 tasks and x1 models get R x R)."""
+    """Input size for an R x R output (docs/design.md: x1 tasks and x1 models get R x R)."""
     own_upsampler = task == "sr" and info.upsampler
     if own_upsampler and res % scale:
         return InputSpec(res // scale, False, f"res {res} is not divisible by scale {scale}")

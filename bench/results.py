@@ -29,14 +29,14 @@ VARIANT_FLAGS = ("compile", "channels_last", "cuda_graph")
 STATUSES = ("ok", "oom", "error", "skipped")
 
 
-def _clean(value):
+def json_safe(value):
     """JSON has no NaN/inf: store them as null so every reader agrees."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -44,7 +44,7 @@ def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Append rows atomically (one write per batch under flock, then fsync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = "".join(json.dumps(_clean(r), sort_keys=False, allow_nan=False) + "\n" for r in rows)
+    payload = "".join(json.dumps(json_safe(r), sort_keys=False, allow_nan=False) + "\n" for r in rows)
     if not payload:
         return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -1,4 +1,4 @@
-"""FLOP handles of Serpent's fused custom ops, for the harness's counters (bench/flops.py).
+"""FLOP handles of Serpent's fused custom ops, for the harness's counters (bench/measure/flops.py).
 
 Each handle maps the op's arguments (tensors, meta tensors or anything with .shape) to the
 multiply-adds per category that the counters count for the unfused layers it replaces, so a

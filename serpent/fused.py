@@ -101,7 +101,7 @@ def _state_elements(b: int, h: int, w: int, inner: int, n: int, num_scales: int,
 def mssm_core_macs(b: int, h: int, w: int, inner: int, num_scales: int, d_state: int,
                    dt_rank: int) -> dict[str, int]:
     """Multiply-adds of one `serpent::mssm_core` call by category, exactly what the FLOP
-    counters (bench/flops.py) count for the unfused MSSM between in_proj and out_proj:
+    counters (bench/measure/flops.py) count for the unfused MSSM between in_proj and out_proj:
     conv = the depthwise 3x3 conv; matmul = x_proj and dt_proj of every scale (4 directions)
     and the fuse projection; selective_scan = VMamba's formula per scale (4*inner channels, D
     skip, no z); upsample = 4 per output element of each bilinear interpolation (fvcore's

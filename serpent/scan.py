@@ -149,7 +149,7 @@ def chunk_plan(b: int, d: int, n: int, l: int, device) -> tuple[int, int]:
     """(chunk length T, time-block length) that `chunked_scan` uses by default. On CPU, blocks of
     BLOCK_ELEMENTS / (b*d*n) steps and T ~ sqrt(block / 4): an in-chunk step (two ops over all
     chunks) costs more than a boundary step (one op over one state), so T is shorter than the
-    balance of op counts, sqrt(block). Measured by bench/benchmarks/scan_cpu.py. On CUDA one
+    balance of op counts, sqrt(block). Measured by benchmarks/scan_cpu.py. On CUDA one
     block, T ~ sqrt(l)."""
     if torch.device(device).type != "cpu":
         return chunk_length(l), l

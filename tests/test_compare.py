@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.cli import main
-from bench.compare import (DEVICE_INDEPENDENT, baseline_filename, bootstrap_ratio, compare_files,
+from bench.compare.verdict import (DEVICE_INDEPENDENT, baseline_filename, bootstrap_ratio, compare_files,
                            environment_key, load_rules)
 from bench.errors import UsageError
 
@@ -383,7 +383,7 @@ def test_baseline_filename_and_rules_commands(capsys):
 def test_committed_cpu_baseline_is_a_device_independent_baseline():
     from pathlib import Path
 
-    from bench.compare import load_rowset
+    from bench.compare.verdict import load_rowset
 
     path = Path(__file__).resolve().parent.parent / "results" / "baselines" / "cpu-flops.jsonl"
     rs = load_rowset(path, "baseline")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.data import (DATA_ENV, TrainCrops, data_root, find_overlaps, load_set, read_image,
+from bench.quality.data import (DATA_ENV, TrainCrops, data_root, find_overlaps, load_set, read_image,
                         resolve_set, sample_generator)
 from bench.errors import UsageError
-from bench.tasks import eval_pair, make_task
+from bench.quality.tasks import eval_pair, make_task
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def test_decoding_rules(tmp_path):
         assert np.array_equal(read_image(tmp_path / "alpha.png"), rgb)
     a16 = read_image(tmp_path / "g16.png")
     assert a16.dtype == np.uint16 and np.array_equal(a16[..., 1], g16)
-    from bench.data import to_tensor
+    from bench.quality.data import to_tensor
     assert torch.allclose(to_tensor(a16)[0], torch.from_numpy(g16.astype(np.float32)) / 65535)
     assert read_image(tmp_path / "d.jpg").shape == (40, 50, 3)
 
@@ -131,7 +131,7 @@ def test_training_crop_is_degraded_like_the_whole_image(tmp_path, task, upsample
     recs = _image_folder(tmp_path, 96, 112)
     cfg = make_task(task, scale=4 if task == "sr" else None, noise_sigma=0.0)
     ds = TrainCrops(recs, cfg, 32, upsampler=upsampler, seed=0, augment=False)
-    from bench.data import to_tensor
+    from bench.quality.data import to_tensor
     gt, inp, _ = eval_pair(to_tensor(recs[0].array)[None], "x", cfg, upsampler)
     f = 4 if upsampler else 1
     checked = set()

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.distributed import Dist
-from bench.train import SampleIndices
+from bench.train.distributed import Dist
+from bench.train.loop import SampleIndices
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "nafnet_w32", "--set", "width=8", "--set", "enc_blk_nums=[1]",
@@ -156,8 +156,8 @@ def test_batch_not_divisible_by_world_size_is_one_clear_line(tmp_path):
 NAN_ON_RANK_1 = """
 import os, sys, torch
 from torch import nn
-from bench.tasks import make_task
-from bench.train import ModelSpec, TrainConfig, TrainingDiverged, train
+from bench.quality.tasks import make_task
+from bench.train.loop import ModelSpec, TrainConfig, TrainingDiverged, train
 
 class Net(nn.Module):
     def __init__(self):
@@ -206,7 +206,7 @@ def test_scaling_benchmark_cpu_smoke(tmp_path):
 
     out = tmp_path / "s.jsonl"
     p = subprocess.run(
-        [sys.executable, "-m", "bench.benchmarks.ddp_scaling", "--out", str(out), "--device",
+        [sys.executable, "-m", "benchmarks.ddp_scaling", "--out", str(out), "--device",
          "cpu", "--world-sizes", "1,2", *TINY[2:], "--models",
          "nafnet_w32", "--iters", "4", "--skip", "1", "--crop", "32", "--batch", "4",
          "--per-gpu-batch", "2", "--workers", "0", "--parts", "train"],

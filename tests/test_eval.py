@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bench.data import load_set
-from bench.evaluate import (EvalModel, Metrics, check_train_overlap, evaluate, make_lpips,
+from bench.quality.data import load_set
+from bench.quality.evaluate import (EvalModel, Metrics, check_train_overlap, evaluate, make_lpips,
                             quantize, restore)
 from bench.errors import UsageError
-from bench.tasks import make_task
+from bench.quality.tasks import make_task
 
 
 def _y(rgb: np.ndarray) -> np.ndarray:
@@ -151,7 +151,7 @@ def test_evaluate_rows(tmp_path):
 def test_eval_refuses_training_images(tmp_path):
     _folder(tmp_path, "S")
     recs = load_set("S", tmp_path)
-    from bench.data import record_summary
+    from bench.quality.data import record_summary
     m = EvalModel("a", Identity3(), train_images=[record_summary(recs[0])])
     with pytest.raises(UsageError, match="overlap"):
         check_train_overlap([m], {"S": recs})
@@ -180,7 +180,7 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, args, msg):
 
 
 def test_official_style_weights_load_into_a_registered_model(tmp_path):
-    from bench.evaluate import load_eval_model
+    from bench.quality.evaluate import load_eval_model
 
     cfg = make_task("deblur")
     small = {"width": 8, "enc_blk_nums": [1], "dec_blk_nums": [1], "middle_blk_num": 1}
@@ -206,12 +206,12 @@ def test_bicubic_baseline_reproduces_published_set5_psnr():
 
     import pyiqa
 
-    from bench.tasks import eval_pair
+    from bench.quality.tasks import eval_pair
     root = Path(os.environ.get("SERPENT_BENCH_DATA")
                 or Path(__file__).resolve().parent.parent.parent / "shared" / "data")
     if not (root / "Set5").is_dir():
         pytest.skip("shared image data not found")
-    from bench.data import to_tensor
+    from bench.quality.data import to_tensor
     recs = load_set("Set5", root)
     for s, published in ((2, 33.66), (4, 28.42), (8, 24.40)):
         m = pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr",

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.flops import count_flops
+from bench.measure.flops import count_flops
 
 
 class Conv(nn.Module):

@@ -194,3 +194,74 @@ def test_tlc_kernels_and_checkpoint_compatibility():
     local.load_state_dict(plain.state_dict(), strict=True)
     x = torch.rand(1, 3, 24, 20)
     torch.testing.assert_close(local(x), plain(x))
+
+
+# ------------------------------------------------------------------------ formulations (issue 13)
+
+from baselines import channel_norm  # noqa: E402
+from baselines import nafnet as nafnet_module  # noqa: E402
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """The Triton channel norm runs on CPU tensors through Triton's interpreter."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(channel_norm, "INTERPRET_ON_CPU", True)
+
+
+@pytest.mark.parametrize("impl", nafnet_module.NORM_IMPLS)
+def test_layernorm2d_impls_match_formula_float64(interpret, impl):
+    torch.manual_seed(0)
+    ln = LayerNorm2d(5, norm_impl=impl).double()
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    ref = _ln(x, ln.weight, ln.bias)
+    out = ln(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    params = (x, ln.weight, ln.bias)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tlc", [False, True])
+def test_every_formulation_is_the_official_function_float64(interpret, tlc):
+    torch.manual_seed(0)
+    model = NAFNet(**TINY, tlc=tlc, formulation="official").double()
+    with torch.no_grad():
+        for p in model.parameters():  # beta/gamma start at zero: randomize everything
+            p.normal_(0, 0.3)
+    x = torch.rand(1, 3, 13, 21, dtype=torch.float64)
+
+    def run():
+        model.zero_grad()
+        y = model(x)
+        y.square().mean().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref, ref_grads = run()
+    if not tlc:  # the official formulation is the paper's block, written out functionally
+        torch.testing.assert_close(ref, _reference(x, model.state_dict(), TINY),
+                                   rtol=1e-10, atol=1e-10)
+    for form in nafnet_module.FORMULATIONS:
+        model.set_formulation(form)
+        out, grads = run()
+        assert out.is_contiguous(), form
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, msg=form)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-10, atol=1e-12,
+                                       msg=f"{form} {name}")
+
+
+def test_formulation_presets():
+    model = NAFNet(**TINY, formulation="fused_cl")
+    assert {m.norm_impl for m in model.modules() if isinstance(m, LayerNorm2d)} == {"triton"}
+    assert model.intro.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nafnet_module.DEFAULT_FORMULATION in nafnet_module.FORMULATIONS
+    with pytest.raises(ValueError, match="formulation"):
+        NAFNet(**TINY, formulation="fastest")
+    m = meta_model("nafnet_w32", task="deblur", formulation="official", fused_residual=True)
+    assert m.formulation_settings == {**nafnet_module.FORMULATIONS["official"],
+                                      "fused_residual": True}

@@ -12,10 +12,10 @@ import pytest
 
 from bench.cli import main
 from bench.errors import UsageError
-from bench.report import _card_groups, _headline_memory, build_report
-from bench.report_data import apply_filters, load_rows, parse_filters, prepare
-from bench.report_figures import model_styles, pareto_front, scaling_exponent
-from bench.report_tables import METRICS, efficiency_table
+from bench.report.build import _card_groups, _headline_memory, build_report
+from bench.report.data import apply_filters, load_rows, parse_filters, prepare
+from bench.report.figures import model_styles, pareto_front, scaling_exponent
+from bench.report.tables import METRICS, efficiency_table
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_small.jsonl"
 H100 = "nvidia-h100-80gb-hbm3"
@@ -44,13 +44,16 @@ def _md_rows(report, name):
 def test_every_table_and_figure_is_written_and_non_empty(report):
     out = report.out
     expected_tables = {"flops_deblur", "flops_sr-x8", "quality_deblur", "quality_sr-x8"} | {
-        f"{m}_deblur_bf16_{mode}_b1_{card}" for m in ("latency", "throughput", "memory")
+        f"{m}_deblur_bf16_{mode}_b1_{card}"
+        for m in ("latency", "throughput", "memory", "activation_memory")
         for mode, card in (("infer", H100), ("train", H100), ("infer", "nvidia-h200"))}
     expected_figures = {"gflops_vs_res_deblur", "gflops_vs_res_sr-x8", "headline_deblur",
                         "headline_sr-x8", "quality_vs_gflops_deblur_kodak24",
                         "quality_vs_gflops_deblur_cbsd68", "quality_vs_gflops_sr-x8_set14"} | {
         f"{f}_vs_res_deblur_bf16_{mode}_b1_{card}" for f in ("memory", "throughput")
-        for mode, card in (("infer", H100), ("train", H100), ("infer", "nvidia-h200"))}
+        for mode, card in (("infer", H100), ("train", H100), ("infer", "nvidia-h200"))} | {
+        f"quality_vs_latency_deblur_{ds}_{card}" for ds in ("kodak24", "cbsd68")
+        for card in (H100, "nvidia-h200")}
     tables = {p.stem for p in (out / "tables").iterdir()}
     figures = {p.stem for p in (out / "figures").iterdir()}
     assert tables == expected_tables
@@ -214,7 +217,8 @@ def test_cli_filter_run_pdf_svg(tmp_path, capsys):
               "--filter", "kind=efficiency", "--formats", "pdf,svg", "--dpi", "30"])
     assert e.value.code == 0
     tables = sorted(p.name for p in (out / "tables").glob("*.md"))
-    assert tables == ["flops_deblur.md", "latency_deblur_bf16_infer_b1_nvidia-h200.md",
+    assert tables == ["activation_memory_deblur_bf16_infer_b1_nvidia-h200.md", "flops_deblur.md",
+                      "latency_deblur_bf16_infer_b1_nvidia-h200.md",
                       "memory_deblur_bf16_infer_b1_nvidia-h200.md",
                       "throughput_deblur_bf16_infer_b1_nvidia-h200.md"]
     stems = {"gflops_vs_res_deblur", "headline_deblur",
@@ -277,7 +281,7 @@ def test_failure_leaves_previous_report_intact(tmp_path, monkeypatch):
                  filters=["kind=efficiency", "device_name=NVIDIA H200"])
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    import bench.report as report_mod
+    import bench.report.build as report_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

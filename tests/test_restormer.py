@@ -117,7 +117,7 @@ def test_layernorm_is_the_official_formula(kind):
 
 def test_published_flops_are_the_convolutions():
     """Restormer's 140.99 G at 256x256 (KAIR's counter: Conv2d MACs only) is our conv share."""
-    from bench.flops import count_flops
+    from bench.measure.flops import count_flops
 
     with torch.device("meta"):
         model = bench.create_model("restormer", task="deblur", attn_impl="sdpa")
@@ -128,3 +128,82 @@ def test_published_flops_are_the_convolutions():
               (8, 96, 1, 256)]  # (blocks, channels, heads, side); last: decoder_level1 + refinement
     attn = sum(n * 2 * ch * (ch // h) * side * side for n, ch, h, side in stages)
     assert round(f.by_category_gmacs["sdpa"] * 1e9) == attn
+
+
+# ------------------------------------------------------------------------ formulations (issue 13)
+
+from baselines import channel_norm  # noqa: E402
+from baselines import restormer as restormer_module  # noqa: E402
+
+FORMULATION_CASES = [dict(formulation=f) for f in restormer_module.FORMULATIONS] + [
+    dict(formulation="fused", attn_split=4),  # q k^T as a sum of 4 partial products
+    dict(formulation="fused", band_elements=3000),  # every block in row bands (1 row each)
+    dict(formulation="fused_cl", band_elements=20000, attn_split=2),
+]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """The Triton channel norm runs on CPU tensors through Triton's interpreter."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(channel_norm, "INTERPRET_ON_CPU", True)
+
+
+def _official_and_grads(model, x):
+    model.zero_grad()
+    y = model(x)
+    y.square().mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("norm,cases", [("WithBias", FORMULATION_CASES),
+                                        ("BiasFree", FORMULATION_CASES[2:5])])
+def test_every_formulation_is_the_official_function_float64(interpret, norm, cases):
+    model = tiny(LayerNorm_type=norm, formulation="official").double().train()
+    x = torch.rand(1, 3, 16, 24, dtype=torch.float64)
+    ref, ref_grads = _official_and_grads(model, x)
+    for case in cases:
+        model.set_formulation(**case)
+        out, grads = _official_and_grads(model, x)
+        assert out.is_contiguous(), case  # NCHW in, NCHW out, whatever runs inside
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=str(case))
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-8, atol=1e-10,
+                                       msg=f"{case} {name}")
+
+
+def test_formulation_switches_reach_every_module():
+    model = tiny(formulation="fused_cl", attn_split=3)
+    norms = {m.norm_impl for m in model.modules() if isinstance(m, restormer_module.LayerNorm)}
+    attn = {(m.attn_impl, m.attn_split) for m in model.modules()
+            if isinstance(m, restormer_module.Attention)}
+    assert norms == {"triton"} and attn == {("gram", 3)}
+    assert model.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    model.set_formulation("official")
+    assert model.patch_embed.proj.weight.is_contiguous()
+    assert restormer_module.DEFAULT_FORMULATION in restormer_module.FORMULATIONS
+    with pytest.raises(ValueError, match="formulation"):
+        Restormer(**TINY, formulation="fastest")
+    with pytest.raises(ValueError, match="norm_impl"):
+        Restormer(**TINY, norm_impl="apex")
+    with pytest.raises(ValueError, match="switches"):
+        Restormer(**TINY).set_formulation("fused", tile=64)
+    with torch.device("meta"):  # and through the registry (--set formulation=...)
+        model = bench.create_model("restormer", task="deblur", formulation="official")
+    assert model.formulation_settings == restormer_module.FORMULATIONS["official"]
+
+
+def test_row_bands_cover_the_map_once():
+    assert restormer_module.row_bands(10, 4, 100) is None  # fits
+    assert restormer_module.row_bands(10, 4, 0) is None  # banding off
+    bands = restormer_module.row_bands(10, 4, 20)  # 5 rows of budget: 3 + a 1-row halo each side
+    assert bands == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+def test_gram_split_equals_matmul():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 64, dtype=torch.float64), torch.randn(2, 3, 5, 64,
+                                                                     dtype=torch.float64)
+    ref = q @ k.transpose(-2, -1)
+    torch.testing.assert_close(restormer_module.gram(q, k, 8), ref)
+    torch.testing.assert_close(restormer_module.gram(q, k, 7), ref)  # 64 % 7: no split

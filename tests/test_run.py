@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from bench.errors import UsageError
-from bench.measure import RunConfig, check_cuda_graph, measure_config
+from bench.measure.row import RunConfig, check_cuda_graph, measure_config
 from bench.results import config_key, read_rows
-from bench.sweep import run_sweep
+from bench.measure.sweep import run_sweep
 from serpent import registry as model_registry
 
 
@@ -206,3 +206,28 @@ def test_models_imports_neither_timm_nor_torchvision_nor_dynamo():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-1] == "[]"
+
+
+def test_achieved_tflops_and_no_kernel_count_on_cpu(tiny_models):
+    row = measure_config(_cfg("_tiny", 16))
+    assert row["tflops_achieved"] == pytest.approx(row["gflops"] / row["latency_ms_median"])
+    assert row["cuda_kernels"] is None  # kernels are counted on CUDA only
+    train = measure_config(_cfg("_tiny", 16, mode="train"))
+    assert train["tflops_achieved"] == pytest.approx(3 * train["gflops"]
+                                                     / train["latency_ms_median"])
+
+
+def test_max_call_s_skips_a_config_too_slow_to_time(tiny_models):
+    row = measure_config(_cfg("_tiny", 16, max_call_s=1e-9))
+    assert row["status"] == "skipped" and row["message"].startswith("too slow: one call took")
+    assert "latency_ms_median" not in row
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernel_count_of_known_calls():
+    from bench.measure.row import count_cuda_kernels
+
+    x = torch.ones(1 << 16, device="cuda")
+    assert count_cuda_kernels(lambda: x.add_(1), x.device) == 1
+    assert count_cuda_kernels(lambda: (x * 2).add_(1).sum(), x.device) == 3

@@ -1,7 +1,7 @@
-"""bench.benchmarks.run_to_run: the 2% agreement check between two sweeps."""
+"""benchmarks.run_to_run: the 2% agreement check between two sweeps."""
 import json
 
-from bench.benchmarks import run_to_run
+from benchmarks import run_to_run
 
 
 def _row(model, ms, **kw):

@@ -286,7 +286,7 @@ def test_bf16_autocast_adds_no_casts_inside_blocks(counted_launches):
 def test_flop_formula_equals_the_counters_on_the_unfused_graph():
     """mssm_core_macs equals what the counters count for the unfused mixer core, category by
     category, on meta tensors (including the dt_rank 1 case, whose dt_proj they miss)."""
-    from bench import flops as bench_flops
+    from bench.measure import flops as bench_flops
 
     for dim, scales, hw in ((32, 3, (64, 48)), (48, 2, (17, 9)), (16, 1, (8, 8)), (16, 3, (9, 9))):
         with torch.device("meta"):
@@ -303,11 +303,11 @@ def test_flop_formula_equals_the_counters_on_the_unfused_graph():
 
 @pytest.fixture
 def counters_with_fused_handles(monkeypatch):
-    """bench/flops.py with the handles of serpent.flops registered: the change the harness
+    """bench/measure/flops.py with the handles of serpent.flops registered: the change the harness
     needs to count the fused ops (see the report); here applied to a patched copy."""
     from torch.utils.flop_counter import flop_registry
 
-    from bench import flops as bench_flops
+    from bench.measure import flops as bench_flops
     from serpent.flops import FLOP_HANDLES, torch_flops
 
     recorder = bench_flops._OpRecorder.__torch_dispatch__

@@ -277,8 +277,8 @@ def test_bf16_autocast_runs_both_paths():
 
 
 def test_flops_match_the_architecture_and_the_readme():
-    """x4 on a 256x256 LR image (README: 788.6G), counted by bench.flops on meta tensors."""
-    from bench.flops import count_flops
+    """x4 on a 256x256 LR image (README: 788.6G), counted by bench.measure.flops on meta tensors."""
+    from bench.measure.flops import count_flops
 
     with torch.device("meta"):
         model = bench.create_model("swinir", task="sr", scale=4)
@@ -298,7 +298,7 @@ def test_flops_match_the_architecture_and_the_readme():
 
 def test_sdpa_path_has_the_flops_of_the_math_path():
     """The window plan computes every window once: no extra attention FLOPs on the SDPA path."""
-    from bench.flops import count_flops
+    from bench.measure.flops import count_flops
 
     counts = {}
     for impl in ("sdpa", "math"):

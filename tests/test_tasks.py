@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import UsageError
-from bench.tasks import (blur, eval_pair, eval_seed, gaussian_kernel2d, imresize, make_task,
+from bench.quality.tasks import (blur, eval_pair, eval_seed, gaussian_kernel2d, imresize, make_task,
                          mod_crop, parse_level)
 
 

@@ -11,8 +11,8 @@ from PIL import Image
 from torch import nn
 
 from bench.errors import UsageError
-from bench.tasks import make_task
-from bench.train import ModelSpec, TrainConfig, TrainingDiverged, lr_factor, train
+from bench.quality.tasks import make_task
+from bench.train.loop import ModelSpec, TrainConfig, TrainingDiverged, lr_factor, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,7 +117,7 @@ def test_log_config_and_data_wait(tmp_path):
     with open(tmp_path / "run" / "train_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["iter", "loss", "lr", "data_wait_fraction", "step_time",
-                             "val_psnr", "elapsed_s"]
+                             "val_psnr", "elapsed_s", "train_s"]
     assert all(0 <= float(r["data_wait_fraction"]) <= 1 for r in rows)
     assert [r["val_psnr"] != "" for r in rows] == [False, True, False, True]
 
@@ -147,13 +147,13 @@ def test_small_images_are_skipped_with_a_warning(tmp_path):
 
 
 def test_cli_divergence_exits_nonzero(tmp_path, monkeypatch, capsys):
-    import bench.train
+    import bench.train.loop
     from bench.cli import main
 
     def boom(*a, **k):
         raise TrainingDiverged("training stopped: loss became nan at iteration 3; ...")
 
-    monkeypatch.setattr(bench.train, "train", boom)
+    monkeypatch.setattr(bench.train.loop, "train", boom)
     with pytest.raises(SystemExit) as e:
         main(["train", "--model", "nafnet", "--task", "deblur", "--train-set", "T",
               "--iters", "4", "--out-dir", str(tmp_path / "x")])
@@ -203,7 +203,7 @@ def test_cpu_smoke_train_then_eval_on_set5(tmp_path, monkeypatch, capsys):
     mine = [r for r in rows if r["model"] == model]
     assert all(r["kind"] == "quality" and r["train_budget"]["iters"] == 3 for r in mine)
     assert all(r["train_overlap"] == 1 for r in mine)
-    from bench.evaluate import file_sha256
+    from bench.quality.evaluate import file_sha256
     assert mine[0]["weights_sha256"] == file_sha256(run / "last.pt")
     assert all(np.isfinite(r["psnr_y"]) for r in rows)
 

@@ -1,4 +1,4 @@
-"""bench.weights: strict, safe checkpoint loading; official state-dict layouts pinned."""
+"""bench.quality.weights: strict, safe checkpoint loading; official state-dict layouts pinned."""
 import re
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import bench
 from baselines.restormer import Restormer
 from bench.errors import UsageError
-from bench.weights import load_weights
+from bench.quality.weights import load_weights
 
 TINY = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 2, 2])
 

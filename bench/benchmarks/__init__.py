@@ -1,1 +1,0 @@
-"""Standalone benchmark scripts: `python -m bench.benchmarks.<name> --out results/<file>.jsonl`."""

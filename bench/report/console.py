@@ -1,0 +1,30 @@
+"""The table `bench run` prints: one line per row, units in the headers."""
+from __future__ import annotations
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def run_table(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    headers = ["model", "task", "res", "batch", "dtype", "mode", "params (M)", "GFLOPs",
+               "GFLOPs (torch)", "median (ms)", "IQR (ms)", "img/s", "peak alloc (MB)",
+               "static (MB)", "scan", "status"]
+    body = []
+    for r in rows:
+        params = r.get("params")
+        body.append([
+            r["model"], r["task"] + (f"x{r['scale']}" if r["task"] == "sr" else ""), r["res"],
+            r["batch"], r["dtype"], r["mode"], _fmt(params / 1e6 if params else None, ".3f"),
+            _fmt(r.get("gflops"), ".2f"), _fmt(r.get("gflops_torch"), ".2f"),
+            _fmt(r.get("latency_ms_median"), ".3f"), _fmt(r.get("latency_ms_iqr"), ".3f"),
+            _fmt(r.get("throughput_img_s"), ".2f"), _fmt(r.get("mem_peak_alloc_mb"), ".1f"),
+            _fmt(r.get("mem_static_mb"), ".1f"), r.get("scan_backend") or "",
+            r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')[:40]}",
+        ])
+    devices = sorted({r.get("device_name") or "?" for r in rows})
+    note = ("GFLOPs: one forward of one image, 1 MAC = 2 FLOPs (fvcore handles; torch = "
+            "FlopCounterMode). Latency: median of timed calls. Device: " + "; ".join(devices))
+    return tabulate(body, headers=headers, disable_numparse=True) + "\n" + note
