@@ -242,7 +242,8 @@ def part_a(run: Run) -> None:
                 out = {}
                 for a, b in ((new, old), (new, "chunked"), (old, "chunked")):
                     out[f"{a}_vs_{b}"] = compare(res[a], res[b])
-                worst = max(out[f"{new}_vs_{old}"]["rel_out"], out[f"{new}_vs_{old}"]["rel_grad_max"])
+                pair = out[f"{new}_vs_{old}"]
+                worst = max(pair["rel_out"], pair["rel_grad_max"])
                 return {**out, "tolerance": 1e-4, "pass": worst < 1e-4}
 
             run.attempt("a", cfg, check, new_path=True)

@@ -25,8 +25,9 @@ Backend name in `serpent.scan.used_backends()`: "triton".
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -74,8 +75,13 @@ class ScanTiles:
     def from_env(cls) -> "ScanTiles":
         """Defaults, or SERPENT_SCAN_TILES="chunk,fwd_channels,bwd_channels,fwd_warps,bwd_warps"
         (powers of two; benchmarks/serpent_kernels.py sweeps them)."""
-        spec = os.environ.get("SERPENT_SCAN_TILES")
-        return cls(*(int(v) for v in spec.split(","))) if spec else cls()
+        return _parse_tiles(os.environ.get("SERPENT_SCAN_TILES"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_tiles(spec: Optional[str]) -> ScanTiles:
+    # called by the ops' implementations and fake implementations, never traced by dynamo
+    return ScanTiles(*(int(v) for v in spec.split(","))) if spec else ScanTiles()
 
 
 def _pow2(n: int) -> int:
@@ -92,7 +98,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _state_elements(b: int, h: int, w: int, inner: int, n: int, num_scales: int, chunk: int) -> int:
-    return sum(b * 4 * -(-hs * ws // chunk) * inner * n for hs, ws in _scale_sizes(h, w, num_scales))
+    return sum(b * 4 * -(-hs * ws // chunk) * inner * n
+               for hs, ws in _scale_sizes(h, w, num_scales))
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -151,7 +158,14 @@ def _mssm_core_op(xz: Tensor, conv_weight: Tensor, conv_bias: Tensor, x_proj: li
 
 
 def _kernels():
-    return importlib.import_module("serpent.kernels")
+    """serpent.kernels, imported on first use (CPU code paths never need Triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = importlib.import_module("serpent.kernels")
+    return _KERNELS
+
+
+_KERNELS = None
 
 
 def eager_call(t: Tensor) -> bool:

@@ -31,9 +31,10 @@ def activation_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, *, ln: Optional[torch.nn.LayerNorm] = None,
-                 gelu: bool = False, residual: Optional[Tensor] = None,
-                 scale: Optional[Tensor] = None, act_dtype: Optional[torch.dtype] = None) -> Tensor:
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor, *,
+                 ln: Optional[torch.nn.LayerNorm] = None, gelu: bool = False,
+                 residual: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                 act_dtype: Optional[torch.dtype] = None) -> Tensor:
     """(b, h, w, K) -> (b, h, w, N); see the module docstring. `scale` (b,) multiplies the
     projection before the residual add (stochastic depth); `act_dtype` defaults to
     `activation_dtype(x)`."""
@@ -81,7 +82,14 @@ def _fused_linear_op(x: Tensor, weight: Tensor, bias: Tensor, ln_weight: Optiona
 
 
 def _kernels():
-    return importlib.import_module("serpent.linear_kernels")
+    """serpent.linear_kernels, imported on first use (CPU code paths never need Triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = importlib.import_module("serpent.linear_kernels")
+    return _KERNELS
+
+
+_KERNELS = None
 
 
 @_fused_linear_op.register_fake

@@ -175,7 +175,8 @@ def pyramid_fwd_kernel(xz_ptr, w_ptr, b_ptr, xs_ptr, batch, height, width, inner
     x = acc * tl.sigmoid(acc)
     dst = xs_ptr + bi * height * width * inner
     m = (r < height) & (c < width)
-    tl.store(dst + (r * width + c)[:, None] * inner + ch[None, :], x, mask=m[:, None] & mch[None, :])
+    tl.store(dst + (r * width + c)[:, None] * inner + ch[None, :], x,
+             mask=m[:, None] & mch[None, :])
     if NUM_SCALES > 1:
         tl.debug_barrier()  # the pooled scales read back this tile's stored pixels
         for s in tl.static_range(1, NUM_SCALES):
@@ -195,7 +196,8 @@ def pyramid_fwd_kernel(xz_ptr, w_ptr, b_ptr, xs_ptr, batch, height, width, inner
                                 mask=m[:, None] & mch[None, :], other=0).to(CT)
                 cnt += m.to(tl.int32)
             val = acc2 / tl.maximum(cnt, 1).to(CT)[:, None]
-            out = xs_ptr + (_scale_offset(height, width, batch, s, NUM_SCALES) + bi * hs * ws) * inner
+            start = _scale_offset(height, width, batch, s, NUM_SCALES) + bi * hs * ws
+            out = xs_ptr + start * inner
             mq = (rq < hs) & (cq < ws)
             tl.store(out + (rq * ws + cq)[:, None] * inner + ch[None, :], val,
                      mask=mq[:, None] & mch[None, :])
@@ -528,7 +530,8 @@ def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
         h0 = tl.load(st_base + c * inner * N + st_off, mask=m_cn, other=0)
         decay, hl = tl.associative_scan((a, x), 0, _linear_combine)
         h = hl + decay * h0[None, :, :]
-        e = Cm[:, None, :] * dy[:, :, None] + tl.where((rows == T - 1)[:, None, None], carry[None, :, :], 0.0)
+        e = Cm[:, None, :] * dy[:, :, None] \
+            + tl.where((rows == T - 1)[:, None, None], carry[None, :, :], 0.0)
         _, _, g = tl.associative_scan((tl.full(a.shape, 1.0, CT), a, e), 0, _shifted_combine,
                                       reverse=True)
         carry = tl.sum(tl.where((rows == 0)[:, None, None], a * g, 0.0), axis=0)
@@ -688,7 +691,8 @@ def grouped_matmul_kernel(a_ptr, b0, b1, b2, b3, c_ptr, batch, height, width, K,
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         mk = rk < K
-        a = tl.load(a_ptr + grow[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0)
+        a = tl.load(a_ptr + grow[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :],
+                    other=0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=mk[:, None] & mn[None, :], other=0).to(a_ptr.dtype.element_ty)
         acc += _dot(a.to(CT), b.to(CT), USE_DOT, PRECISION)
@@ -716,7 +720,8 @@ def grouped_weight_grad_kernel(x_ptr, g_ptr, dw_ptr, batch, height, width, K, N,
         rr = tile * RC + r0 + tl.arange(0, BR)
         mr = rr < rows
         grow = start + rr
-        g = tl.load(g_ptr + grow[:, None] * N + rn[None, :], mask=mr[:, None] & mn[None, :], other=0)
+        g = tl.load(g_ptr + grow[:, None] * N + rn[None, :], mask=mr[:, None] & mn[None, :],
+                    other=0)
         x = tl.load(x_ptr + grow[:, None] * K + rk[None, :], mask=mr[:, None] & mk[None, :],
                     other=0).to(CT)
         acc += _dot(tl.trans(g.to(CT)), x, USE_DOT, PRECISION)
