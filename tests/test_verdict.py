@@ -1,0 +1,141 @@
+"""Compare verdicts at and around the minimum effect, with intervals one can reason about.
+
+Constructed samples make the bootstrap interval known without running it in one's head: a
+constant baseline (every resampled median is the same number), and a current run of only two
+values, 11 copies of `low` and 10 of `high` (n = 21, odd): the median of any resample is then
+exactly `low` or `high`, each with probability far above 2.5%, so the 95% percentile interval
+of the ratio is exactly [low / base, high / base]. The interval then lies inside the minimum
+effect, straddles it, or lies beyond it, in either direction.
+"""
+import pytest
+
+from bench.compare.verdict import compare_config, compare_metric, load_rules
+
+BASE_MS = 10.0
+
+
+def two_valued(low, high):
+    return [low] * 11 + [high] * 10
+
+
+def rows(cur_samples, base_samples=None):
+    base_samples = base_samples or [BASE_MS] * 21
+    def row(s):
+        return {"model": "m", "status": "ok", "latency_samples_ms": s,
+                "latency_ms_median": sorted(s)[len(s) // 2],
+                "throughput_img_s": 1e3 / sorted(s)[len(s) // 2]}
+    return row(base_samples), row(cur_samples)
+
+
+def judge(metric, cur_samples, min_effect=None, base_samples=None):
+    rules = load_rules()
+    rule = dict(rules["metrics"][metric])
+    if min_effect is not None:
+        rule["min_effect"] = min_effect
+    base, cur = rows(cur_samples, base_samples)
+    return compare_metric(metric, rule, base, cur, rules["bootstrap"])
+
+
+# (current samples, CI of the latency change, latency status, throughput status)
+CASES = {
+    "inside": (two_valued(9.8, 10.3), (-0.02, 0.03), "ok", "ok"),
+    "straddles slower": (two_valued(10.3, 10.7), (0.03, 0.07), "ok", "ok"),
+    "beyond slower": (two_valued(10.6, 10.9), (0.06, 0.09), "regression", "regression"),
+    "straddles faster": (two_valued(9.3, 9.7), (-0.07, -0.03), "ok", "ok"),
+    "beyond faster": (two_valued(9.1, 9.4), (-0.09, -0.06), "improvement", "improvement"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_latency_interval_inside_straddling_and_beyond_the_minimum_effect(case):
+    cur, (lo, hi), status, _ = CASES[case]
+    m = judge("latency_ms_median", cur)
+    assert m.method == "bootstrap" and m.threshold == 0.05
+    assert m.ci == pytest.approx((lo, hi))  # the interval the construction promises
+    assert m.status == status
+    assert m.fail is (status == "regression")  # an improvement of latency never fails
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_throughput_is_judged_in_the_opposite_direction(case):
+    """Throughput (higher is better) from the reciprocal samples: slower latency = lower
+    throughput; its interval is [base/high - 1, base/low - 1]."""
+    cur, _, _, status = CASES[case]
+    low, high = cur[0], cur[-1]
+    m = judge("throughput_img_s", cur)
+    assert m.ci == pytest.approx((BASE_MS / high - 1, BASE_MS / low - 1))
+    assert m.status == status
+    assert m.fail is (status == "regression")
+
+
+# Exactly at the minimum effect: 1/16 is exact in binary, so 10 * (1 +- 1/16) is too and the
+# interval ends sit exactly on the threshold. "Beyond" is strict: the end on it does not count.
+AT = 0.0625
+
+
+@pytest.mark.parametrize("cur, status", [
+    ([BASE_MS * (1 + AT)] * 21, "ok"),                   # [+t, +t]: on the threshold
+    ([BASE_MS * (1 + AT) + 0.01] * 21, "regression"),    # just beyond
+    ([BASE_MS * (1 + AT) - 0.01] * 21, "ok"),            # just inside
+    ([BASE_MS * (1 - AT)] * 21, "ok"),                   # [-t, -t]
+    ([BASE_MS * (1 - AT) - 0.01] * 21, "improvement"),
+    ([BASE_MS * (1 - AT) + 0.01] * 21, "ok"),
+    (two_valued(BASE_MS * (1 + AT), 11.5), "ok"),          # [+t, +15%]: lower end on it
+    (two_valued(BASE_MS * (1 + AT) + 0.01, 11.5), "regression"),
+    (two_valued(8.5, BASE_MS * (1 - AT)), "ok"),           # [-15%, -t]: upper end on it
+    (two_valued(8.5, BASE_MS * (1 - AT) - 0.01), "improvement"),
+])
+def test_latency_at_and_around_the_minimum_effect(cur, status):
+    m = judge("latency_ms_median", cur, min_effect=AT)
+    assert m.method == "bootstrap" and m.status == status, m.ci
+
+
+@pytest.mark.parametrize("latency, status", [
+    (BASE_MS / (1 - AT), "ok"),          # throughput exactly -t
+    (BASE_MS / (1 - AT) + 0.01, "regression"),
+    (BASE_MS / (1 + AT), "ok"),          # throughput exactly +t
+    (BASE_MS / (1 + AT) - 0.01, "improvement"),
+])
+def test_throughput_at_and_around_the_minimum_effect(latency, status):
+    # base 10 ms = 100 img/s; 1/(1 -+ t) latency factors put the throughput change on -+t
+    # (the reciprocals round: an ulp either side of t, so t + 1e-12 stands for "on t"; the
+    # strictness itself is checked exactly on latency above)
+    m = judge("throughput_img_s", [latency] * 21, min_effect=AT + 1e-12)
+    assert m.status == status, m.ci
+
+
+def test_median_rule_without_samples_uses_the_same_strict_threshold():
+    """Too few samples on one side: the point change is judged against the minimum effect."""
+    rules = load_rules()
+    base = {"latency_samples_ms": [10.0] * 4, "latency_ms_median": 10.0, "throughput_img_s": 100.0}
+    for median, status in ((10.0 * (1 + AT), "ok"), (10.0 * (1 + AT) + 0.01, "regression"),
+                           (10.0 * (1 - AT), "ok"), (10.0 * (1 - AT) - 0.01, "improvement")):
+        cur = {"latency_samples_ms": [median] * 30, "latency_ms_median": median}
+        rule = {**rules["metrics"]["latency_ms_median"], "min_effect": AT}
+        m = compare_metric("latency_ms_median", rule, base, cur, rules["bootstrap"])
+        assert (m.method, m.status) == ("median", status)
+
+
+def test_minimum_sample_count_boundary():
+    """min_samples (5) valid samples on both sides: bootstrap; one fewer: medians only."""
+    rules = load_rules()
+    rule = rules["metrics"]["latency_ms_median"]
+    base = {"latency_samples_ms": [10.0] * 5, "latency_ms_median": 10.0}
+    for n, method in ((5, "bootstrap"), (4, "median")):
+        cur = {"latency_samples_ms": [10.2] * n, "latency_ms_median": 10.2}
+        assert compare_metric("latency_ms_median", rule, base, cur, rules["bootstrap"]).method \
+            == method
+    bad = {"latency_samples_ms": [10.2] * 4 + [0.0], "latency_ms_median": 10.2}  # a 0 ms sample
+    assert compare_metric("latency_ms_median", rule, base, bad, rules["bootstrap"]).method \
+        == "median"
+
+
+@pytest.mark.parametrize("case, status, fail", [
+    ("straddles slower", "ok", False), ("beyond slower", "regression", True),
+    ("straddles faster", "ok", False), ("beyond faster", "improvement", False),
+])
+def test_config_verdict_follows_the_latency_interval(case, status, fail):
+    """The config's status and pass/fail as `bench compare` reports them."""
+    base, cur = rows(CASES[case][0])
+    result = compare_config(("m",), ("cpu", "2", None), base, cur, load_rules())
+    assert (result.status, result.fail) == (status, fail)
