@@ -79,6 +79,40 @@ def test_chunked_equals_sequential_float64(case, softplus):
             assert rel(g, rg) < 1e-10, (name, chunk, block)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_without_gradients_over_several_time_blocks(context, dtype):
+    """The untracked path (what Serpent runs for CPU inference at 256 px and above) scans in
+    place in reused work buffers: each time block must start from the previous block's true
+    final state, never from a buffer the next block overwrites. l=300 in blocks of 64: 5 blocks
+    (the last one partial), against the independent float64 recurrence."""
+    inp64 = make_inputs(b=1, d=4, l=300, n=4, g=2, seed=3)
+    ref = recurrence(**inp64, delta_softplus=True)
+    inp = {k: None if v is None else v.to(dtype) for k, v in inp64.items()}
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    with context():
+        for chunk, block in ((None, 64), (8, 64), (16, 100)):
+            out = chunked_scan(**inp, delta_softplus=True, chunk=chunk, block=block)
+            assert out.dtype == dtype and not out.requires_grad
+            assert rel(out.double(), ref) < tol, (chunk, block)
+        out = selective_scan(**inp, delta_softplus=True, backend="chunked")  # the op's path
+    assert rel(out.double(), ref) < tol
+
+
+def test_default_cpu_block_plan_with_several_blocks(monkeypatch):
+    """The default plan (chunk_plan) splits long inputs into blocks of BLOCK_ELEMENTS/(b*d*n)
+    steps; made small here so that l=300 gives several blocks without a large input."""
+    monkeypatch.setattr(scan, "BLOCK_ELEMENTS", 4 * 8 * 4 * 48)  # 48 steps per block
+    inp = make_inputs(b=4, d=8, l=300, n=4, dtype=torch.float32, seed=4)
+    T, block = scan.chunk_plan(4, 8, 4, 300, "cpu")
+    assert block == 48 and 300 > 2 * block
+    ref = sequential_scan(**{k: None if v is None else v.double() for k, v in inp.items()},
+                          delta_softplus=True)
+    with torch.inference_mode():
+        out = chunked_scan(**inp, delta_softplus=True)
+    assert rel(out.double(), ref) < 1e-5
+
+
 def test_reused_cpu_work_buffers_never_leak_into_outputs():
     small = make_inputs(l=40, dtype=torch.float32)
     big = make_inputs(d=16, l=300, g=4, dtype=torch.float32, seed=1)
