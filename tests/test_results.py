@@ -2,6 +2,7 @@
 warning naming them, and the config identity that --resume and compare share."""
 import json
 import math
+import os
 import warnings
 
 import pytest
@@ -18,14 +19,19 @@ def test_json_safe_turns_non_finite_numbers_into_null_at_any_depth():
 
 
 def test_append_then_read_round_trip_one_line_per_row(tmp_path):
-    path = tmp_path / "sub" / "r.jsonl"  # the folder is created
+    path = tmp_path / "sub" / "dir" / "r.jsonl"  # the folders are created
     rows = [{"model": "a", "x": 1.5, "bad": math.nan}, {"model": "b", "nested": {"y": [1, 2]}}]
-    append_rows(path, rows[:1])
+    old = os.umask(0o022)
+    try:
+        append_rows(path, rows[:1])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by all, like any results file
     append_rows(path, rows[1:])
     append_rows(path, [])  # nothing to write: nothing written
-    lines = path.read_text().splitlines()
-    assert len(lines) == 2 and all(json.loads(line) for line in lines)
-    assert path.read_text().endswith("\n")
+    text = path.read_text()
+    assert text == ('{"model": "a", "x": 1.5, "bad": null}\n'  # key order kept, one line each
+                    '{"model": "b", "nested": {"y": [1, 2]}}\n')
     assert read_rows(path) == [{"model": "a", "x": 1.5, "bad": None},
                                {"model": "b", "nested": {"y": [1, 2]}}]
 
@@ -34,9 +40,23 @@ def test_append_after_a_torn_line_starts_a_fresh_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"model": "a"}\n{"model": "b", "x"')  # killed mid-write
     append_rows(path, [{"model": "c"}])
-    assert path.read_text().splitlines()[-1] == '{"model": "c"}'
+    assert path.read_text() == '{"model": "a"}\n{"model": "b", "x"\n{"model": "c"}\n'
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable line\(s\) \[2\]"):
         assert [r["model"] for r in read_rows(path)] == ["a", "c"]
+    one_byte = tmp_path / "one.jsonl"
+    one_byte.write_text("{")  # killed after the first byte
+    append_rows(one_byte, [{"model": "d"}])
+    assert one_byte.read_text() == '{\n{"model": "d"}\n'
+
+
+def test_warning_names_the_caller_and_the_first_five_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"model": "a"}\n' + b"x\n" * 6 + b'\xff\xfe{"model"\n')  # not UTF-8
+    with pytest.warns(UserWarning) as caught:
+        assert read_rows(path) == [{"model": "a"}]
+    (w,) = caught
+    assert "skipped 7 unreadable line(s) [2, 3, 4, 5, 6] (torn write?)" in str(w.message)
+    assert w.filename == __file__  # stacklevel: the warning points at the caller
 
 
 def test_read_rows_skips_blank_garbage_and_non_objects_naming_the_lines(tmp_path):
@@ -63,11 +83,15 @@ def test_load_results_frames_sources_and_kinds(tmp_path):
     assert list(df["model"]) == ["m", "m", "n"]
     assert list(df["kind"]) == ["efficiency", "quality", "efficiency"]  # no kind = efficiency
     assert list(df["source"]) == [str(a), str(a), str(b)]
+    assert list(df.index) == [0, 1, 2]
     eff = load_results([a, b], kind="efficiency")
     assert list(eff["res"]) == [32, 64] and list(eff.index) == [0, 1]
     assert list(load_results(str(a), kind="quality")["psnr"]) == [30.0]  # one path as a str
+    both = load_results([a, b], kind="efficiency")
+    assert "index" not in both.columns
     with pytest.raises(FileNotFoundError, match="results file not found"):
         load_results([tmp_path / "missing.jsonl"])
+    assert load_results([]).empty
 
 
 def test_config_key_identity_and_round_trip():

@@ -45,12 +45,15 @@ def test_fewer_than_four_samples_iqr_is_the_range():
 
 
 def test_row_fields_follow_the_statistics():
-    t = Timing(list(EVEN), warmup=3)
+    t = Timing([s + 0.123456789 for s in EVEN], warmup=3)  # more digits than the row keeps
     row = t.as_row(batch=2, pixels=64 * 64)
-    assert row["latency_ms_median"] == 4.5 and row["latency_ms_min"] == 1.0
-    assert row["latency_ms_iqr"] == pytest.approx(3.75)
+    median = 4.623456789
+    assert row["latency_ms_median"] == pytest.approx(median, rel=1e-15)
+    assert row["latency_ms_min"] == pytest.approx(1.123456789, rel=1e-15)
+    assert row["latency_ms_iqr"] == pytest.approx(3.75, rel=1e-12)
     assert row["iters"] == 8 and row["warmup"] == 3
-    assert row["throughput_img_s"] == pytest.approx(2 / 4.5e-3)
-    assert row["throughput_mpix_s"] == pytest.approx(2 * 64 * 64 / 4.5e-3 / 1e6)
-    assert row["latency_samples_ms"] == EVEN
-
+    assert row["throughput_img_s"] == pytest.approx(2 / (median / 1e3), rel=1e-12)
+    assert row["throughput_mpix_s"] == pytest.approx(2 * 64 * 64 / (median / 1e3) / 1e6, rel=1e-12)
+    # samples rounded to 10 ns (5 decimals of a millisecond)
+    assert row["latency_samples_ms"] == [5.12346, 30.12346, 1.12346, 4.12346, 8.12346, 2.12346,
+                                         6.12346, 3.12346]
