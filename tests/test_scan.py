@@ -274,8 +274,25 @@ def test_macs_formula():
 
 @pytest.mark.gpu
 def test_cuda_backends_agree():
+    """mamba-ssm's kernel against the chunked scan on the same inputs, forward and backward.
+    Each side must report the backend it asked for: if mamba_ssm does not import, "auto" would
+    run the chunked scan on both sides and the comparison would pass trivially."""
+    if not scan.mamba_available():
+        pytest.skip("mamba_ssm (with its compiled CUDA extension) does not import here: "
+                    "nothing to compare the chunked scan with")
     inp = make_inputs(d=16, l=300, g=2)
-    inp = {k: None if v is None else v.float().cuda() for k, v in inp.items()}
+    inp = {k: None if v is None else v.float().cuda().requires_grad_(True)
+           for k, v in inp.items()}
+    wrt = [v for v in inp.values() if v is not None]
+    reset_used_backends()
     ref = selective_scan(**inp, delta_softplus=True, backend="chunked")
-    out = selective_scan(**inp, delta_softplus=True)
+    ref_grads = torch.autograd.grad(ref, wrt, torch.ones_like(ref))
+    assert used_backends() == {"chunked"}
+    assert resolve_backend("cuda", "auto", torch.float32) == "mamba"
+    reset_used_backends()
+    out = selective_scan(**inp, delta_softplus=True)  # "auto" on CUDA: the kernel
+    grads = torch.autograd.grad(out, wrt, torch.ones_like(out))
+    assert used_backends() == {"mamba"}, f"auto ran {used_backends()}, not mamba-ssm's kernel"
     assert rel(out, ref) < 1e-4
+    for name, g, rg in zip([k for k, v in inp.items() if v is not None], grads, ref_grads):
+        assert rel(g, rg) < 1e-3, name
