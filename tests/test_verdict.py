@@ -139,3 +139,95 @@ def test_config_verdict_follows_the_latency_interval(case, status, fail):
     base, cur = rows(CASES[case][0])
     result = compare_config(("m",), ("cpu", "2", None), base, cur, load_rules())
     assert (result.status, result.fail) == (status, fail)
+
+
+# --------------------------------------------------------------------------- the other rules
+
+def _metric(metric, rule, base, cur, **boot):
+    rules = load_rules()
+    return compare_metric(metric, {**rules["metrics"].get(metric, {}), **rule}, base, cur,
+                          {**rules["bootstrap"], **boot})
+
+
+@pytest.mark.parametrize("cur, status", [(17.0, "ok"), (17.01, "improvement"), (15.0, "ok"),
+                                         (14.99, "regression")])
+def test_higher_is_better_point_change_exactly_at_the_threshold(cur, status):
+    """Throughput without samples: 16 -> 17 img/s is exactly +1/16; beyond is strict."""
+    m = _metric("throughput_img_s", {"min_effect": AT}, {"throughput_img_s": 16.0},
+                {"throughput_img_s": cur})
+    assert (m.method, m.status) == ("median", status)
+
+
+def test_relative_change_from_a_zero_or_unit_baseline():
+    rule = {"rule": "relative", "tolerance": 0.02, "better": "lower", "fail_on_improvement": False}
+    for base, cur, change, status in ((0.0, 0.0, 0.0, "ok"), (0.0, 5.0, float("inf"), "regression"),
+                                      (0.0, -5.0, float("-inf"), "improvement"),
+                                      (1.0, 2.0, 1.0, "regression")):
+        m = _metric("mem", rule, {"mem": base}, {"mem": cur})
+        assert (m.change, m.status, m.method) == (change, status, "relative")
+
+
+def test_exact_rule_notes_and_threshold():
+    same = _metric("params", {}, {"params": 10}, {"params": 10})
+    assert (same.status, same.fail, same.note, same.threshold, same.ci) == ("ok", False, "", 0.0,
+                                                                             None)
+    fewer = _metric("params", {}, {"params": 10}, {"params": 9})
+    assert (fewer.status, fewer.fail) == ("improvement", True)
+    assert fewer.note == "changed: update the baseline if intended"
+
+
+def test_improvement_note_follows_the_median_note():
+    m = _metric("latency_ms_median", {"fail_on_improvement": True},
+                {"latency_ms_median": 10.0}, {"latency_ms_median": 5.0})
+    assert (m.status, m.fail) == ("improvement", True)
+    assert m.note == ("no latency_samples_ms (or fewer than 5 valid) on one side: compared the "
+                      "medians only, with the minimum effect; changed: update the baseline if "
+                      "intended")
+
+
+@pytest.mark.parametrize("base, cur, side", [({}, {"params": 1}, "baseline"),
+                                             ({"params": 1}, {}, "current")])
+def test_metric_on_one_side_only(base, cur, side):
+    m = _metric("params", {}, base, cur)
+    assert (m.status, m.fail, m.method, m.note) == ("not_compared", False, "exact",
+                                                     f"missing in {side}")
+
+
+def test_bootstrap_settings_reach_the_bootstrap():
+    import numpy as np
+
+    from bench.compare.verdict import bootstrap_ratio
+
+    rng = np.random.default_rng(5)
+    b, c = list(rng.gamma(20, 0.5, 30)), list(rng.gamma(20, 0.52, 30))
+    boot = {"resamples": 300, "confidence": 0.8, "seed": 7}
+    m = _metric("latency_ms_median", {}, {"latency_samples_ms": b, "latency_ms_median": 1.0},
+                {"latency_samples_ms": c, "latency_ms_median": 2.0}, **boot)
+    ratio, (lo, hi) = bootstrap_ratio(b, c, **boot)
+    assert m.ci == (lo - 1, hi - 1) and m.change == ratio - 1
+    assert (m.baseline, m.current) == (1.0, 2.0)
+
+
+def _cfg(base, cur):
+    return compare_config(("m",), ("cpu", "2", None), base, cur, load_rules())
+
+
+def test_config_status_changes_and_their_notes():
+    long = "E" * 300
+    assert (_cfg({}, {}).status, _cfg({}, {}).note) == ("ok", "")  # no status = ok
+    r = _cfg({}, {})
+    assert (r.baseline_status, r.current_status) == ("ok", "ok")
+    r = _cfg({"status": "ok"}, {"status": "error", "message": long})
+    assert (r.status, r.fail) == ("regression", True)
+    assert r.note == "newly failing: ok -> error: " + "E" * 200
+    assert (r.baseline_status, r.current_status) == ("ok", "error")
+    r = _cfg({}, {"status": "error"})  # no message: no trailing colon
+    assert r.note == "newly failing: ok -> error"
+    r = _cfg({"status": "error"}, {"status": "ok", "message": "warm"})
+    assert (r.status, r.fail, r.note) == ("improvement", False, "now ok: error -> ok")
+    r = _cfg({"status": "oom"}, {"status": "skipped", "message": "too small"})
+    assert (r.status, r.fail, r.note) == ("ok", False, "status changed: oom -> skipped: too small")
+    r = _cfg({"status": "oom"}, {"status": "error", "message": "boom"})
+    assert (r.status, r.fail, r.note) == ("regression", True, "now an error: oom -> error: boom")
+    r = _cfg({"status": "oom"}, {"status": "oom", "message": "again"})
+    assert (r.status, r.fail, r.note) == ("ok", False, "")
