@@ -231,3 +231,33 @@ def test_config_status_changes_and_their_notes():
     assert (r.status, r.fail, r.note) == ("regression", True, "now an error: oom -> error: boom")
     r = _cfg({"status": "oom"}, {"status": "oom", "message": "again"})
     assert (r.status, r.fail, r.note) == ("ok", False, "")
+
+
+def _one_draw_bootstrap(base, cur, resamples, confidence, seed):
+    """The same percentile bootstrap without chunks: one (resamples, n) draw per side, base
+    first, from one generator."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    meds = [np.median(x[rng.integers(0, x.size, size=(resamples, x.size))], axis=1)
+            for x in (np.asarray(base, float), np.asarray(cur, float))]
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(meds[1] / meds[0], [alpha, 1 - alpha])
+    return float(np.median(cur) / np.median(base)), (float(lo), float(hi))
+
+
+@pytest.mark.parametrize("kw, max_elems", [({}, None), ({"resamples": 500, "confidence": 0.9,
+                                                        "seed": 4}, 100)])
+def test_bootstrap_in_chunks_equals_one_draw(kw, max_elems):
+    """Chunking (for memory) changes nothing: same generator stream, same interval; and the
+    defaults are 2000 resamples, 95%, seed 0."""
+    import numpy as np
+
+    from bench.compare.verdict import bootstrap_ratio
+
+    rng = np.random.default_rng(9)
+    base, cur = rng.gamma(20, 0.5, 23), rng.gamma(20, 0.55, 31)
+    got = bootstrap_ratio(base, cur, **kw, **({"max_elems": max_elems} if max_elems else {}))
+    ref = _one_draw_bootstrap(base, cur, kw.get("resamples", 2000), kw.get("confidence", 0.95),
+                              kw.get("seed", 0))
+    assert got == ref
