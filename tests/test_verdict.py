@@ -261,3 +261,37 @@ def test_bootstrap_in_chunks_equals_one_draw(kw, max_elems):
     ref = _one_draw_bootstrap(base, cur, kw.get("resamples", 2000), kw.get("confidence", 0.95),
                               kw.get("seed", 0))
     assert got == ref
+
+
+def test_result_fields_of_each_rule():
+    rel = _metric("mem", {"rule": "relative", "tolerance": 0.02, "better": "lower",
+                          "fail_on_improvement": False}, {"mem": 100.0}, {"mem": 101.0})
+    assert (rel.method, rel.baseline, rel.current, rel.threshold, rel.note, rel.status) == (
+        "relative", 100.0, 101.0, 0.02, "", "ok")
+    med = _metric("latency_ms_median", {}, {"latency_ms_median": 10.0},
+                  {"latency_ms_median": 12.0})
+    assert (med.method, med.baseline, med.current, med.threshold, med.status) == (
+        "median", 10.0, 12.0, 0.05, "regression")
+    exact = _metric("params", {}, {"params": 10}, {"params": 11})
+    assert (exact.method, exact.baseline, exact.current, exact.change) == ("exact", 10, 11, 0.1)
+    one_sided = _metric("params", {}, {"params": 10}, {})
+    assert (one_sided.baseline, one_sided.current) == (10, None)
+    exact_higher = {"rule": "exact", "better": "higher", "fail_on_improvement": True}
+    higher = _metric("score", exact_higher, {"score": 3}, {"score": 4})
+    assert (higher.status, higher.fail) == ("improvement", True)  # exact: any change fails
+    assert _metric("score", exact_higher, {"score": 3}, {"score": 2}).status == "regression"
+
+
+def test_non_finite_numbers_are_missing_values():
+    m = _metric("params", {}, {"params": float("nan")}, {"params": 10})
+    assert (m.status, m.note) == ("not_compared", "missing in baseline")
+    m = _metric("params", {}, {"params": 10}, {"params": float("inf")})
+    assert (m.status, m.note) == ("not_compared", "missing in current")
+
+
+def test_sub_millisecond_samples_are_valid():
+    """GPU latencies below 1 ms are samples like any other (only 0 or negative ones are not)."""
+    m = _metric("latency_ms_median", {}, {"latency_samples_ms": [0.5] * 21},
+                {"latency_samples_ms": two_valued(0.53, 0.545)})
+    assert m.method == "bootstrap" and m.ci == pytest.approx((0.06, 0.09))
+    assert m.status == "regression"
