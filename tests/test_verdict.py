@@ -272,8 +272,8 @@ def test_result_fields_of_each_rule():
                   {"latency_ms_median": 12.0})
     assert (med.method, med.baseline, med.current, med.threshold, med.status) == (
         "median", 10.0, 12.0, 0.05, "regression")
-    exact = _metric("params", {}, {"params": 10}, {"params": 11})
-    assert (exact.method, exact.baseline, exact.current, exact.change) == ("exact", 10, 11, 0.1)
+    exact = _metric("params", {}, {"params": 8}, {"params": 9})
+    assert (exact.method, exact.baseline, exact.current, exact.change) == ("exact", 8, 9, 0.125)
     one_sided = _metric("params", {}, {"params": 10}, {})
     assert (one_sided.baseline, one_sided.current) == (10, None)
     exact_higher = {"rule": "exact", "better": "higher", "fail_on_improvement": True}
