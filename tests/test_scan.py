@@ -193,6 +193,23 @@ def test_custom_op_forward_backward(softplus, need):
         assert g.dtype == inp[name].dtype and rel(g, rg) < 1e-10, name
 
 
+@pytest.mark.parametrize("only", ["A", "B", "u"])
+def test_gradient_of_one_input_alone(only):
+    """Only one input tracked (e.g. A alone: the decays need a gradient, the inputs x do not)."""
+    inp = make_inputs(l=20)
+    inp[only].requires_grad_(True)
+    grad_out = torch.randn(2, 8, 20, dtype=torch.float64)
+    (g,) = torch.autograd.grad(chunked_scan(**inp, delta_softplus=True, chunk=4), inp[only],
+                               grad_out)
+    (ref,) = torch.autograd.grad(sequential_scan(**inp, delta_softplus=True), inp[only], grad_out)
+    assert rel(g, ref) < 1e-10
+
+
+def test_sequential_reference_returns_the_input_dtype():
+    inp = {k: None if v is None else v.to(torch.bfloat16) for k, v in make_inputs(l=6).items()}
+    assert sequential_scan(**inp).dtype == torch.bfloat16
+
+
 def test_custom_op_sequential_backend_is_reported():
     inp = make_inputs(l=5)
     reset_used_backends()
