@@ -2,7 +2,7 @@
 
 Usage (from .ci/mutation): python .ci/mutation_summary.py MODULE SECONDS GLOB...
 Writes results/mutation/MODULE.txt; survivors the tests cannot kill are explained in
-results/mutation/README.md.
+results/mutation/README.md. `--survivors GLOB...` prints the surviving mutants' names instead.
 """
 import collections
 import fnmatch
@@ -13,12 +13,18 @@ from pathlib import Path
 
 from mutmut.stats import status_by_exit_code
 
-module, seconds, globs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+if sys.argv[1] == "--survivors":
+    module, seconds, globs = None, 0, sys.argv[2:]
+else:
+    module, seconds, globs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 statuses = {}
 for meta in Path("mutants").rglob("*.py.meta"):
     for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
         if any(fnmatch.fnmatchcase(name, g) for g in globs):
             statuses[name] = status_by_exit_code[code]
+if module is None:
+    print(" ".join(sorted(n for n, s in statuses.items() if s == "survived")))
+    sys.exit(0)
 counts = collections.Counter(statuses.values())
 killed = counts["killed"] + counts["timeout"] + counts["caught by type check"]
 total = len(statuses)
