@@ -23,7 +23,7 @@ for meta in Path("mutants").rglob("*.py.meta"):
         if any(fnmatch.fnmatchcase(name, g) for g in globs):
             statuses[name] = status_by_exit_code[code]
 if module is None:
-    print(" ".join(sorted(n for n, s in statuses.items() if s == "survived")))
+    print(" ".join(sorted(n for n, s in statuses.items() if s in ("survived", "no tests"))))
     sys.exit(0)
 counts = collections.Counter(statuses.values())
 killed = counts["killed"] + counts["timeout"] + counts["caught by type check"]
