@@ -276,6 +276,8 @@ def test_result_fields_of_each_rule():
     assert (exact.method, exact.baseline, exact.current, exact.change) == ("exact", 8, 9, 0.125)
     one_sided = _metric("params", {}, {"params": 10}, {})
     assert (one_sided.baseline, one_sided.current) == (10, None)
+    one_sided = _metric("params", {}, {}, {"params": 12})
+    assert (one_sided.baseline, one_sided.current) == (None, 12)
     exact_higher = {"rule": "exact", "better": "higher", "fail_on_improvement": True}
     higher = _metric("score", exact_higher, {"score": 3}, {"score": 4})
     assert (higher.status, higher.fail) == ("improvement", True)  # exact: any change fails
