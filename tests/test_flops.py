@@ -222,3 +222,21 @@ def test_batch_is_forced_to_one_and_row_fields():
 def test_counting_prints_nothing(capsys):
     count_flops(Conv(), (1, 4, 10, 12))
     assert capsys.readouterr().out == ""
+
+
+def test_repeated_ops_add_up():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.b(self.a(x))
+            y = F.scaled_dot_product_attention(y, y, y) + F.scaled_dot_product_attention(y, y, y)
+            return F.gelu(y) * y * y
+
+    fc = count_flops(Twice(), (1, 4, 6, 8))
+    conv = 8 * 6 * 8 * 4 * 9 + 4 * 6 * 8 * 8
+    sdpa = 2 * (4 * 6 * 6 * (8 + 8))  # two calls: batch 1 x 4 "heads" x Lq=Lk=6 x (E + Ev)
+    assert fc.by_category_gmacs == {"conv": conv / 1e9, "sdpa": sdpa / 1e9}
+    assert fc.unsupported_ops["aten::mul"] == 2 and fc.unsupported_ops["aten::add"] == 1
