@@ -240,3 +240,12 @@ def test_repeated_ops_add_up():
     sdpa = 2 * (4 * 6 * 6 * (8 + 8))  # two calls: batch 1 x 4 "heads" x Lq=Lk=6 x (E + Ev)
     assert fc.by_category_gmacs == {"conv": conv / 1e9, "sdpa": sdpa / 1e9}
     assert fc.unsupported_ops["aten::mul"] == 2 and fc.unsupported_ops["aten::add"] == 1
+
+
+def test_sdpa_with_a_positional_mask():
+    class M(nn.Module):
+        def forward(self, x):  # (1, 2, 5, 4)
+            return F.scaled_dot_product_attention(x, x, x, torch.zeros(5, 5, device=x.device))
+
+    fc = count_flops(M(), (1, 2, 5, 4))
+    assert fc.by_category_gmacs["sdpa"] * 1e9 == 2 * 5 * 5 * (4 + 4)
