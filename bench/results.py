@@ -66,11 +66,8 @@ def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         os.close(fd)
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """All complete rows of one file; malformed lines are skipped with a warning naming them."""
-    path = Path(path)
-    if not path.exists():
-        return []
+def scan_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[int]]:
+    """([(line number, row)], [line numbers that hold no JSON object]) of one file."""
     rows, bad = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
@@ -83,9 +80,31 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                 bad.append(lineno)
                 continue
             if isinstance(row, dict):
-                rows.append(row)
+                rows.append((lineno, row))
             else:
                 bad.append(lineno)
+    return rows, bad
+
+
+def is_bench_row(row: dict) -> bool:
+    """A row `bench run` or `bench eval` wrote: a model and, for its kind, what was measured
+    (efficiency: a resolution; quality: a dataset). Anything else in a results file is not a
+    measurement and must not become one (e.g. an "unknown device" row in a report)."""
+    kind = row.get("kind", "efficiency")
+    if not isinstance(row.get("model"), str):
+        return False
+    if kind == "efficiency":
+        return row.get("res") is not None
+    return kind == "quality" and row.get("dataset") is not None
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """All complete rows of one file; malformed lines are skipped with a warning naming them."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    numbered, bad = scan_rows(path)
+    rows = [row for _, row in numbered]
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) {bad[:5]} (torn write?)",
                       stacklevel=2)

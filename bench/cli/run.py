@@ -142,6 +142,20 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
     return 0
 
 
+def short_reference(text: str, width: int = 60) -> str:
+    """A reference that fits a table column: as registered when short enough, else first
+    author et al. with its arXiv id / code link ('Sepehri et al., arXiv 2403.17902')."""
+    import re
+    import textwrap
+
+    if len(text) <= width:
+        return text
+    authors = text.split(":", 1)[0].split(",")
+    short = ", ".join([authors[0].strip() + (" et al." if len(authors) > 1 else ""),
+                       *re.findall(r"arXiv \d{4}\.\d{4,5}|github\.com/[\w./-]+\w", text)])
+    return short if len(short) <= width else textwrap.shorten(text, width, placeholder=" ...")
+
+
 @click.command()
 @click.option("--task", default="deblur", show_default=True, help="Task whose configuration is counted.")
 @click.option("--scale", type=int, default=None, help="SR factor (default 8 for sr).")
@@ -171,7 +185,7 @@ def models(task, scale, pattern):
         except UsageError as e:
             params = f"n/a ({e})"[:40]
         rows.append([name, info.family, ",".join(info.tasks), "yes" if info.upsampler else "no (bicubic input)",
-                     info.multiple, params, info.reference])
+                     info.multiple, params, short_reference(info.reference)])
     click.echo(tabulate(rows, headers=["model", "family", "tasks", "own SR upsampler", "multiple",
                                        f"params (M, {task}{'x' + str(scale) if task == 'sr' else ''})",
                                        "reference"]))
