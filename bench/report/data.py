@@ -171,11 +171,10 @@ def network_of(model: str) -> str:
     """The registered network an alias names (`serpent` -> `serpent_s`), else `model`: rows of
     an alias and of its network are one series, never two lines over each other."""
     try:
-        from bench.registry import model_info
-
-        return model_info(model).alias_of or model
-    except (ImportError, UsageError):  # not a registered model (e.g. the "input" row)
+        from bench.registry import network_name
+    except ImportError:  # the models cannot be imported here: names as they are
         return model
+    return network_name(model)
 
 
 def label_of(model: str, overrides) -> str:
