@@ -39,6 +39,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding t
 # A forked child that cannot use CUDA says one of these: the sweep then spawns instead.
 _FORK_CUDA_ERRORS = ("forked subprocess", "CUDA driver initialization failed",
                      "initialization error")
+STARTUP_TIMEOUT_S = 600  # a worker server importing torch and the models on a busy machine
 _COUNT_LOCK = threading.Lock()  # sharded sweeps: one thread counts, the cache serves the rest
 
 
@@ -105,6 +106,7 @@ class ForkServer:
         self.gpu = gpu
         self.proc: subprocess.Popen | None = None
         self.spawn_only = not (fork and hasattr(os, "fork"))
+        self.ready: float | None = None
         self._buf = b""
         self._err = tempfile.TemporaryFile(mode="a+b")  # append mode: truncating it is safe
         if not self.spawn_only:
@@ -112,15 +114,39 @@ class ForkServer:
 
     def _start(self) -> None:
         self._buf = b""
+        self.ready = None  # seconds the server took to start, once it said so
+        self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.measure.worker", "--serve"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._err, env=_worker_env(self.gpu))
+
+    def _wait_ready(self) -> str | None:
+        """None once the server has imported everything, else why it did not start. Its start
+        is not part of any config's --timeout (imports can take long on a busy machine)."""
+        line = self._readline(STARTUP_TIMEOUT_S)
+        try:
+            reply = json.loads(line) if line else {}
+        except json.JSONDecodeError:
+            reply = {}
+        if "ready" in reply:
+            self.ready = time.perf_counter() - self.started
+            return None
+        self._err.seek(0)
+        tail = _tail(self._err.read().decode(errors="replace"))
+        self.close()
+        return f"the worker server did not start: {tail or 'no message'}"
 
     def measure(self, cfg: RunConfig, timeout_s: float, counted: dict | None = None) -> dict:
         if self.spawn_only:
             return run_isolated(cfg, timeout_s, self.gpu, counted)
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+        server_start = None
+        if self.ready is None:
+            problem = self._wait_ready()
+            if problem:
+                return _failure_row(cfg, problem[:500])
+            server_start = self.ready  # reported once, in the first row it serves
         self._err.truncate(0)
         try:
             self.proc.stdin.write((_request(cfg, counted) + "\n").encode())
@@ -134,6 +160,8 @@ class ForkServer:
         reply = json.loads(line) if line.strip() else {"failed": "fork server exited"}
         if "row" in reply:
             row = reply["row"]
+            if server_start is not None and isinstance(row.get("phase_s"), dict):
+                row["phase_s"]["server_start"] = server_start
             if row.get("status") == "error" and any(
                     e in (row.get("message") or "") for e in _FORK_CUDA_ERRORS):
                 sys.stderr.write("bench run: a forked worker cannot use CUDA here; starting a "
@@ -144,8 +172,8 @@ class ForkServer:
             return row
         self._err.seek(0)
         tail = _tail(self._err.read().decode(errors="replace"))
-        if self.proc.poll() is not None:
-            self.proc = None
+        if not line:  # the server itself died: the next config gets a new one
+            self.close()
         return _failure_row(cfg, f"{reply['failed']} without a row: {tail}"[:500])
 
     def _readline(self, timeout_s: float) -> bytes | None:

@@ -12,8 +12,8 @@ counts adapt, in the spirit of torch.utils.benchmark's `blocked_autorange`:
   `STEADY` (10%) -- lazy initialisation, allocator growth, caches, clocks -- for at most a
   quarter of the budget;
 - timed: at least `iters` calls and `min_time_s`, then more calls (in blocks) only while the
-  distribution-free 95% confidence interval of the median is wider than +-`rel_ci` (1%) of the
-  median, until the budget (warm-up included) is spent. A call so slow that `iters` of them
+  distribution-free 95% confidence interval of the median (`median_ci`) is wider than
+  +-`rel_ci` (1%) of the median, until the budget (warm-up included) is spent. A call so slow that `iters` of them
   overrun the budget gets at least `MIN_SAMPLES` (5, what `bench compare`'s bootstrap needs).
 A result whose IQR exceeds 10% of its median is `noisy` (torch.utils.benchmark warns at the same
 spread): its median is not a number to compare without a rerun.
@@ -24,6 +24,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -33,15 +34,22 @@ NOISY_IQR = 0.10  # IQR / median above this: the row is flagged noisy
 MIN_SAMPLES = 5  # fewest timed calls, whatever the budget (bench compare's bootstrap minimum)
 
 
-def median_ci(samples: list[float], z: float = 1.96) -> tuple[float, float]:
-    """Distribution-free ~95% confidence interval of the median: the order statistics at ranks
-    n/2 -+ z*sqrt(n)/2 (normal approximation of the binomial; min..max for small n)."""
+def median_ci(samples: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics x_(j) and
+    x_(n+1-j), with j the largest rank such that P(B < j) <= (1 - confidence) / 2 for
+    B ~ Binomial(n, 1/2) (exact; at least min..max, which covers 93.8% at n = 5)."""
     s = sorted(samples)
     n = len(s)
-    half = z * math.sqrt(n) / 2
-    lo = max(0, math.floor(n / 2 - half) - 1)
-    hi = min(n - 1, math.ceil(n / 2 + half))
-    return s[lo], s[hi]
+    num, den = Fraction((1 - confidence) / 2).limit_denominator(10**6).as_integer_ratio()
+    total, comb, below, j = 1 << n, 1, 0, 0  # comb = C(n, i); below = sum of C(n, <i)
+    for i in range(n // 2 + 1):
+        if (below + comb) * den > total * num:
+            break
+        below += comb
+        j = i + 1
+        comb = comb * (n - i) // (i + 1)
+    j = max(j, 1)
+    return s[j - 1], s[n - j]
 
 
 @dataclass
@@ -74,8 +82,7 @@ class Timing:
     @property
     def median_ci_rel(self) -> float:
         """Half-width of the median's 95% confidence interval, relative to the median."""
-        lo, hi = median_ci(self.samples_ms)
-        return (hi - lo) / 2 / self.median_ms if self.median_ms > 0 else math.inf
+        return ci_rel(self.samples_ms)
 
     @property
     def noisy(self) -> bool:
@@ -161,7 +168,7 @@ def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 10,
                 break
             block = iters - n if n < iters else max(1, n // 2)
         else:
-            if n >= max(iters, 1) and timed_enough and _ci_rel(samples) <= rel_ci:
+            if n >= max(iters, 1) and timed_enough and ci_rel(samples) <= rel_ci:
                 stop = "stable"
                 break
             spent = time.perf_counter() - t_start
@@ -179,7 +186,8 @@ def measure(fn: Callable[[], object], *, device: torch.device, warmup: int = 10,
     return Timing(samples, n_warm, warm_s, time.perf_counter() - t_timed, stop)
 
 
-def _ci_rel(samples: list[float]) -> float:
+def ci_rel(samples: list[float]) -> float:
+    """Half-width of the median's 95% confidence interval, relative to the median."""
     lo, hi = median_ci(samples)
     med = statistics.median(samples)
     return (hi - lo) / 2 / med if med > 0 else math.inf

@@ -3,7 +3,8 @@
 `python -m bench.measure.worker` measures one request read from stdin and prints its row.
 `python -m bench.measure.worker --serve` is a fork server: it imports torch, the models and the
 measurement code once, then for each request (one JSON line on stdin) forks a child that
-measures it and exits, and answers one JSON line on its stdout. A forked child is a fresh
+measures it and exits, and answers one JSON line on its stdout (the first line, {"ready":
+seconds of imports}, says it is ready). A forked child is a fresh
 process for everything a measurement touches (CUDA context, caching allocator, cuDNN and
 Triton caches, lazily built model caches): the server itself never initialises CUDA, as
 PyTorch requires of a process that forks CUDA users. What the fork saves is the interpreter
@@ -87,12 +88,15 @@ def _single() -> None:
 
 
 def _warm_caches() -> None:
-    """What every row records and never changes within a sweep, looked up once before forking
-    (git state, GPU driver version); nothing here may initialise CUDA."""
+    """What every child would otherwise do again, done once before forking; nothing here may
+    initialise CUDA. The git state and GPU driver version every row records; torch._dynamo,
+    which the first call of a torch.library custom op (Serpent's selective scan) imports:
+    ~2 s of every config otherwise."""
     from bench import environment
 
     environment.git_state()
     environment.driver_version()
+    import torch._dynamo  # noqa: F401
 
 
 def _exit_text(status: int) -> str:
@@ -104,8 +108,10 @@ def _exit_text(status: int) -> str:
 def _serve() -> None:
     reply_to = os.fdopen(os.dup(1), "w")  # the protocol channel...
     os.dup2(2, 1)  # ...and whatever a model prints goes to stderr, never into it
-    _import_measurement()
+    imported = _import_measurement()
     _warm_caches()
+    reply_to.write(json.dumps({"ready": imported}) + "\n")  # requests may come now
+    reply_to.flush()
     for line in sys.stdin:
         if not line.strip():
             continue
