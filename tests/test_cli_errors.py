@@ -132,24 +132,32 @@ def _alive(pid: int) -> bool:
     return state[state.rindex(")") + 2] != "Z"
 
 
+SPAWN_SWEEP = ("import sys; sys.path.insert(0, sys.argv[1]);"
+               "from bench.measure.config import plan_sweep;"
+               "from bench.measure.sweep import run_sweep;"
+               "cfgs = plan_sweep(models='serpent_t', res='16', device='cpu', warmup=10**9);"
+               "run_sweep(cfgs, sys.argv[2], isolate=True, progress=False, start='spawn')")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("start", ["fork", "spawn"])
-def test_workers_die_with_a_killed_sweep(tmp_path, start):
+@pytest.mark.parametrize("how", ["bench run", "spawn"])
+def test_workers_die_with_a_killed_sweep(tmp_path, how):
     """SIGKILL of `bench run --isolate`: nothing it started may go on measuring (issue 15:
-    its worker ran on for ~25 s). The config below would warm up for hours."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]);"
-            "from bench.measure.config import plan_sweep; from bench.measure.sweep import run_sweep;"
-            "cfgs = plan_sweep(models='serpent_t', res='16', device='cpu', warmup=10**9, budget=0);"
-            f"run_sweep(cfgs, sys.argv[2], isolate=True, progress=False, start='{start}')")
-    sweep = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(tmp_path / "r.jsonl")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    its worker ran on for ~25 s). The config below would warm up for hours. `bench run` forks
+    its workers from a server; "spawn" starts an interpreter per config."""
+    out = tmp_path / "r.jsonl"
+    cmd = ([sys.executable, "-m", "bench", "run", "--models", "serpent_t", "--res", "16",
+            "--device", "cpu", "--isolate", "--warmup", str(10**9), "--no-progress",
+            "--out", str(out)] if how == "bench run"
+           else [sys.executable, "-c", SPAWN_SWEEP, str(REPO), str(out)])
+    sweep = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        want = 2 if start == "fork" else 1  # fork: the server and the child measuring
+        want = 1 if how == "spawn" else 2  # a fork server and the child it forked
         while len(_workers(sweep.pid)) < want and time.monotonic() < deadline:
             time.sleep(0.2)
         workers = _workers(sweep.pid)
-        assert len(workers) >= want, "the sweep never started its workers"
+        assert workers, "the sweep never started its workers"
         time.sleep(1.0)  # the child is measuring now
         assert all(_alive(w) for w in workers)
     finally:

@@ -319,15 +319,16 @@ def test_data_lists_the_sets_with_counts_and_sizes(tmp_path, monkeypatch):
     assert lines["A"][1:3] == ["2", "40x30"] and lines["B"][1:3] == ["1", "16x24"]
 
 
-def test_data_without_a_root_is_a_usage_error(tmp_path, monkeypatch):
+def test_data_without_a_root_is_a_usage_error(tmp_path, monkeypatch, capsys):
     from bench.cli import main
 
     monkeypatch.delenv("SERPENT_BENCH_DATA", raising=False)
-    for args, needle in ((["data"], "no data root"),
+    for args, needle in ((["data"], "no data root: pass --data-root DIR or set SERPENT_BENCH_DATA"),
                          (["data", "--data-root", str(tmp_path / "nope")], "does not exist")):
         with pytest.raises(SystemExit) as e:
             main(args)
         assert e.value.code == 2
+        assert needle in capsys.readouterr().err
 
 
 def test_train_help_and_default_workers(monkeypatch):
