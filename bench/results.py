@@ -18,9 +18,9 @@ from typing import Iterable
 EFFICIENCY_COLUMNS = [
     "model", "family", "task", "scale", "res", "batch", "dtype", "mode", "params", "gflops",
     "gmacs", "gflops_torch", "unsupported_ops", "latency_ms_median", "latency_ms_iqr",
-    "latency_ms_min", "iters", "noisy", "throughput_img_s", "throughput_mpix_s", "mem_peak_alloc_mb",
+    "latency_ms_min", "iters", "throughput_img_s", "throughput_mpix_s", "mem_peak_alloc_mb",
     "mem_peak_reserved_mb", "mem_static_mb", "status", "message", "scan_backend", "device_name",
-    "torch", "cuda", "mamba_ssm", "git_commit", "host", "time",
+    "torch", "cuda", "mamba_ssm", "git_commit", "host", "time", "noisy",
 ]
 # A configuration is identified by these; `--resume` and `compare` join on them.
 CONFIG_KEYS = ["model", "task", "scale", "res", "batch", "dtype", "mode"]

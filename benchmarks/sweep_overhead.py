@@ -91,9 +91,10 @@ def phases(out: Path, device: str, env: dict, paths: list[str], res: int | None)
         if not (a and b and a["status"] == b["status"] == "ok"):
             continue
         same = a["gflops"] == b["gflops"]
+        change = b["latency_ms_median"] / a["latency_ms_median"] - 1
         say(f"[check] {' '.join(map(str, key))}: GFLOPs {'equal' if same else 'DIFFER'} "
             f"({a['gflops']} / {b['gflops']}); median before {a['latency_ms_median']:.3f} ms, "
-            f"after {b['latency_ms_median']:.3f} ms ({b['latency_ms_median'] / a['latency_ms_median'] - 1:+.1%}); "
+            f"after {b['latency_ms_median']:.3f} ms ({change:+.1%}); "
             f"overhead {a['overhead_s']:.2f} s -> {b['overhead_s']:.2f} s")
     return rows
 
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(torch.device(device))  # the card's name goes in every row
-    say(f"device: {env.get('device_name')}, torch {env.get('torch')}, commit {env.get('git_commit')}")
+    say(f"device: {env.get('device_name')}, torch {env.get('torch')}, "
+        f"commit {env.get('git_commit')}")
     paths = ["after"] if args.skip_before else ["before", "after"]
     ok = True
     for part in (lambda: phases(out, device, env, paths, args.res),

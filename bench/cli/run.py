@@ -99,7 +99,8 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
     if resume and not out:
         raise UsageError("--resume needs --out FILE: the results file whose configs to skip")
     if out and Path(out).is_dir():
-        raise UsageError(f"--out {out} is a folder; give a results file such as {Path(out) / 'bench.jsonl'}")
+        raise UsageError(f"--out {out} is a folder; give a results file such as "
+                         f"{Path(out) / 'bench.jsonl'}")
     gpu_ids = _resolve_gpus(gpus)
     if gpu_ids and device not in ("auto", "cuda"):
         raise UsageError("--gpus picks the devices itself; drop --device (or use --device cuda)")

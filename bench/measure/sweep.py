@@ -49,10 +49,15 @@ def done_keys(path) -> set[tuple]:
 
 
 def _worker_env(gpu: int | None) -> dict:
-    """The child's environment: this process's `bench` first on its path (a child started from
-    another folder must not import another copy), its pid to die with, its GPU."""
+    """The child's environment: this process's `bench` first on its path when it runs from a
+    source tree (a child started from another folder must not import an installed copy), its
+    pid to die with, its GPU."""
+    import site
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+    if _PACKAGE_ROOT not in {*site.getsitepackages(), site.getusersitepackages()}:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH"))
+                                            if p)
     if gpu is not None:
         env.update(CUDA_VISIBLE_DEVICES=str(gpu), BENCH_PHYSICAL_GPU=str(gpu))
     return env

@@ -13,8 +13,9 @@ counts adapt, in the spirit of torch.utils.benchmark's `blocked_autorange`:
   quarter of the budget;
 - timed: at least `iters` calls and `min_time_s`, then more calls (in blocks) only while the
   distribution-free 95% confidence interval of the median (`median_ci`) is wider than
-  +-`rel_ci` (1%) of the median, until the budget (warm-up included) is spent. A call so slow that `iters` of them
-  overrun the budget gets at least `MIN_SAMPLES` (5, what `bench compare`'s bootstrap needs).
+  +-`rel_ci` (1%) of the median, until the budget (warm-up included) is spent. A call so slow
+  that `iters` of them overrun the budget gets at least `MIN_SAMPLES` (5, what `bench
+  compare`'s bootstrap needs).
 A result whose IQR exceeds 10% of its median is `noisy` (torch.utils.benchmark warns at the same
 spread): its median is not a number to compare without a rerun.
 """
