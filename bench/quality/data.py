@@ -44,8 +44,8 @@ def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
     root = Path(value).expanduser()
     if not root.is_dir():
         src = "--data-root" if explicit else f"${DATA_ENV}"
-        what = "is not a directory" if root.exists() else "does not exist"
-        raise UsageError(f"data root {root} ({src}) {what}")
+        why = "" if root.exists() else ": it does not exist"
+        raise UsageError(f"data root {root} ({src}) is not a directory{why}")
     return root
 
 
