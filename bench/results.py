@@ -87,15 +87,13 @@ def scan_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[int
 
 
 def is_bench_row(row: dict) -> bool:
-    """A row `bench run` or `bench eval` wrote: a model and, for its kind, what was measured
-    (efficiency: a resolution; quality: a dataset). Anything else in a results file is not a
-    measurement and must not become one (e.g. an "unknown device" row in a report)."""
-    kind = row.get("kind", "efficiency")
+    """A row the suite wrote: a model, and a kind (efficiency rows, the default kind, also a
+    resolution). Anything else in a results file is not a measurement and must not become one
+    (e.g. an "unknown device" row in a report)."""
     if not isinstance(row.get("model"), str):
         return False
-    if kind == "efficiency":
-        return row.get("res") is not None
-    return kind == "quality" and row.get("dataset") is not None
+    kind = row.get("kind", "efficiency")
+    return isinstance(kind, str) and (kind != "efficiency" or row.get("res") is not None)
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
