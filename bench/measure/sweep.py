@@ -294,6 +294,7 @@ def _run_sharded(configs: list[RunConfig], out, slots: list[int | None], timeout
 
     from tqdm import tqdm
 
+    servers = [ForkServer(g, fork=start == "fork") for g in slots]  # importing while we sort
     order = sorted(configs, key=estimated_cost, reverse=True)
     todo: queue.Queue = queue.Queue()
     for cfg in order:
@@ -304,8 +305,7 @@ def _run_sharded(configs: list[RunConfig], out, slots: list[int | None], timeout
     bar = tqdm(total=len(order), desc=f"bench run ({what})", unit="config",
                disable=not progress, file=sys.stderr)
 
-    def worker(gpu: int | None) -> None:
-        server = ForkServer(gpu, fork=start == "fork")
+    def worker(gpu: int | None, server: ForkServer) -> None:
         try:
             while True:
                 try:
@@ -323,7 +323,8 @@ def _run_sharded(configs: list[RunConfig], out, slots: list[int | None], timeout
         finally:
             server.close()
 
-    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in slots]
+    threads = [threading.Thread(target=worker, args=(g, srv), daemon=True)
+               for g, srv in zip(slots, servers)]
     for t in threads:
         t.start()
     for t in threads:
