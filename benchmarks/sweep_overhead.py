@@ -108,7 +108,7 @@ def command(out: Path, env: dict, res: int | None) -> dict:
     cmd = [sys.executable, "-m", "bench", *args, "--out", str(results)]
     say(f"[command] bench {' '.join(args)}")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parent.parent)
     wall = time.perf_counter() - t0
     rows = read_rows(results)
