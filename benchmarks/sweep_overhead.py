@@ -24,7 +24,6 @@ DIR/command.jsonl, progress to stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time

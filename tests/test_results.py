@@ -1,6 +1,5 @@
 """The JSONL results store: what is written is what is read, torn lines are skipped with a
 warning naming them, and the config identity that --resume and compare share."""
-import json
 import math
 import os
 import warnings
