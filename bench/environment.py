@@ -51,11 +51,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.lru_cache(maxsize=1)
+def driver_version() -> str:
+    """The NVIDIA driver version ('' without one), from nvidia-smi: a subprocess, not CUDA, so
+    a fork server may look it up before forking (it costs ~0.1 s per call)."""
+    out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return out.splitlines()[0] if out else ""
+
+
 def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        driver = driver.splitlines()[0] if driver else ""
+        driver = driver_version()
         physical = os.environ.get("BENCH_PHYSICAL_GPU")  # set by a sharded sweep's parent
         return {"device_name": props.name, "device_mem_mb": props.total_memory / 2**20,
                 "driver": driver or None, "sm": f"{props.major}.{props.minor}",

@@ -39,6 +39,13 @@ def resolve_models(spec: str | list[str]) -> list[str]:
     return names
 
 
+def network_name(name: str) -> str:
+    """The network a registered name builds: an alias's target (`serpent` -> `serpent_s`), else
+    the name itself (also for names that are not registered)."""
+    info = _models().get(name)
+    return (info.alias_of or name) if info else name
+
+
 def model_info(name: str) -> ModelInfo:
     try:
         return _models()[name]

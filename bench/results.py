@@ -20,7 +20,7 @@ EFFICIENCY_COLUMNS = [
     "gmacs", "gflops_torch", "unsupported_ops", "latency_ms_median", "latency_ms_iqr",
     "latency_ms_min", "iters", "throughput_img_s", "throughput_mpix_s", "mem_peak_alloc_mb",
     "mem_peak_reserved_mb", "mem_static_mb", "status", "message", "scan_backend", "device_name",
-    "torch", "cuda", "mamba_ssm", "git_commit", "host", "time",
+    "torch", "cuda", "mamba_ssm", "git_commit", "host", "time", "noisy",
 ]
 # A configuration is identified by these; `--resume` and `compare` join on them.
 CONFIG_KEYS = ["model", "task", "scale", "res", "batch", "dtype", "mode"]
@@ -66,11 +66,8 @@ def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         os.close(fd)
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """All complete rows of one file; malformed lines are skipped with a warning naming them."""
-    path = Path(path)
-    if not path.exists():
-        return []
+def scan_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[int]]:
+    """([(line number, row)], [line numbers that hold no JSON object]) of one file."""
     rows, bad = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
@@ -83,9 +80,29 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                 bad.append(lineno)
                 continue
             if isinstance(row, dict):
-                rows.append(row)
+                rows.append((lineno, row))
             else:
                 bad.append(lineno)
+    return rows, bad
+
+
+def is_bench_row(row: dict) -> bool:
+    """A row the suite wrote: a model, and a kind (efficiency rows, the default kind, also a
+    resolution). Anything else in a results file is not a measurement and must not become one
+    (e.g. an "unknown device" row in a report)."""
+    if not isinstance(row.get("model"), str):
+        return False
+    kind = row.get("kind", "efficiency")
+    return isinstance(kind, str) and (kind != "efficiency" or row.get("res") is not None)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """All complete rows of one file; malformed lines are skipped with a warning naming them."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    numbered, bad = scan_rows(path)
+    rows = [row for _, row in numbered]
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) {bad[:5]} (torn write?)",
                       stacklevel=2)

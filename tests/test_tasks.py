@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import UsageError
-from bench.quality.tasks import (blur, eval_pair, eval_seed, gaussian_kernel2d, imresize, make_task,
-                         mod_crop, parse_level)
+from bench.quality.tasks import (add_noise, blur, blur_matrix, degrade, eval_pair, eval_seed,
+                                 gaussian_kernel1d, gaussian_kernel2d, imresize, make_task,
+                                 mod_crop, parse_level, resize_matrix)
 
 
 def test_kernel_sums_to_one_and_matches_matlab_fspecial():
@@ -124,3 +125,96 @@ def test_task_config_parsing_and_errors():
         make_task("deblur", kernel_size=60)
     with pytest.raises(UsageError):
         parse_level("abc")
+
+
+def test_kernel_taps_in_float64_for_each_sigma():
+    sig = torch.tensor([1.3, 0.7], dtype=torch.float64)
+    k = gaussian_kernel1d(sig, 9)
+    assert k.dtype == torch.float64 and k.shape == (2, 9)
+    for row, s in zip(k, (1.3, 0.7)):  # each row normalised on its own
+        g = torch.tensor([math.exp(-(i - 4) ** 2 / (2 * s * s)) for i in range(9)],
+                         dtype=torch.float64)
+        assert torch.allclose(row, g / g.sum(), rtol=1e-14, atol=0)
+    k2 = gaussian_kernel2d(1.3, 9)
+    assert k2.dtype == torch.float64
+    assert torch.allclose(k2, torch.outer(k[0], k[0]), rtol=1e-14, atol=0)
+
+
+def test_blur_matrix_boundaries_and_errors():
+    assert blur_matrix(31, 3.0, 61).shape == (31, 31)  # reflect is the default padding
+    with pytest.raises(UsageError, match="too small"):
+        blur_matrix(30, 3.0, 61)  # side == radius: reflect padding impossible
+    assert blur_matrix(61, 3.0, 61, padding="valid").shape == (1, 61)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        blur_matrix(60, 3.0, 61, padding="valid")
+    with pytest.raises(ValueError, match="circular"):
+        blur_matrix(64, 3.0, 61, padding="circular")
+
+
+def test_blur_float32_input_and_an_inexact_sigma():
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 30, 34, dtype=torch.float64)
+    k = gaussian_kernel2d(1.3, 11)
+    ref = F.conv2d(F.pad(x, (5,) * 4, mode="reflect"), k.expand(3, 1, 11, 11), groups=3)
+    assert torch.allclose(blur(x, 1.3, 11), ref, atol=1e-14, rtol=0)
+    y = blur(x.float(), 1.3, 11)
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), ref, atol=1e-6)
+
+
+def test_add_noise_per_item_sigma_sign_dtype_and_no_op():
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    y = add_noise(x, torch.tensor([0.0, 0.1], dtype=torch.float64), g)
+    n = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert y.dtype == torch.float64
+    assert torch.equal(y[0], x[0]) and torch.equal(y[1], x[1] + 0.1 * n[1])
+    assert torch.equal(add_noise(x, 0.05, torch.Generator().manual_seed(3)), x + 0.05 * n)
+    assert add_noise(x, 0.0, g) is x  # nothing drawn, nothing copied
+    img = torch.rand(3, 5, 5, dtype=torch.float64)  # (C, H, W): one sigma for the image
+    n3 = torch.randn(img.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.equal(add_noise(img, 0.2, torch.Generator().manual_seed(4)), img + 0.2 * n3)
+
+
+def test_degrade_applies_the_task_and_its_overrides():
+    torch.manual_seed(2)
+    hr = torch.rand(1, 3, 72, 72, dtype=torch.float64)
+    cfg = make_task("deblur", noise_sigma=0.0)
+    assert torch.equal(degrade(hr, cfg), blur(hr, 3.0, 61))
+    assert torch.equal(degrade(hr, cfg, blur_sigma=1.5), blur(hr, 1.5, 61))
+    assert degrade(hr, cfg, blur_padding="valid").shape == (1, 3, 12, 12)
+    noisy = degrade(hr, cfg, noise_sigma=0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noisy, add_noise(blur(hr, 3.0, 61), 0.1, torch.Generator().manual_seed(0)))
+    assert torch.equal(degrade(hr, make_task("denoise", noise_sigma=0.0)), hr)
+    assert torch.equal(degrade(hr, make_task("sr", scale=4)), imresize(hr, 4, down=True))
+
+
+def test_eval_pair_computes_in_float64():
+    """A float32 image is degraded in float64 and cast once: the same bytes as from float64."""
+    torch.manual_seed(3)
+    hr = torch.rand(1, 3, 64, 64)
+    for cfg in (make_task("deblur"), make_task("sr", scale=4)):
+        a = eval_pair(hr, "img", cfg, upsampler=False)
+        b = eval_pair(hr.double(), "img", cfg, upsampler=False)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_eval_seed_is_the_documented_sha256():
+    import hashlib
+
+    cfg = make_task("deblur")
+    for image in ("Set5/baby", "Set5/bird", "Set14/lenna", "Kodak24/kodim01", "x", "y", "z"):
+        digest = hashlib.sha256(f"{image}|{cfg.key}".encode()).digest()
+        assert eval_seed(image, cfg) == int.from_bytes(digest[:8], "little") % 2 ** 63
+
+
+def test_resize_of_images_without_a_batch_axis_and_row_sums():
+    torch.manual_seed(4)
+    x = torch.rand(3, 16, 24, dtype=torch.float64)  # (C, H, W)
+    assert torch.equal(imresize(x, 4, down=True), imresize(x[None], 4, down=True)[0])
+    assert mod_crop(torch.zeros(3, 17, 26), 8).shape == (3, 16, 24)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        imresize(torch.zeros(1, 3, 16, 18), 4, down=True)  # only the width is off
+    for s in (1 / 3, 1 / 8, 2.0):  # every output pixel is a weighted mean (weights sum to 1)
+        m = resize_matrix(24, int(24 * s), s)
+        assert torch.allclose(m.sum(1), torch.ones(m.shape[0], dtype=torch.float64),
+                              rtol=0, atol=1e-14)

@@ -18,6 +18,7 @@ COMMANDS = {
     "report": ("bench.cli.report:report", "Tables and figures from results files."),
     "compare": ("bench.cli.compare:compare", "Fail on speed/memory/FLOP regressions vs a baseline."),
     "baseline": ("bench.cli.compare:baseline", "Manage committed regression baselines."),
+    "data": ("bench.cli.data:data", "List the image sets under the data root."),
 }
 
 

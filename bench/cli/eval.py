@@ -56,6 +56,13 @@ def eval_cmd(models, weights, task, scale, blur_sigma, kernel_size, noise_sigma,
     from bench.registry import resolve_models
     from bench.results import append_rows
 
+    from pathlib import Path
+
+    if out and Path(out).is_dir():
+        raise UsageError(f"--out {out} is a folder; give a results file such as "
+                         f"{Path(out) / 'quality.jsonl'}")
+    if save_images and Path(save_images).exists() and not Path(save_images).is_dir():
+        raise UsageError(f"--save-images {save_images} is a file; give a folder")
     cfg = make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma)
     if cfg.blur_sigma_range or cfg.noise_sigma_range:
         raise UsageError("evaluation degradations are fixed: give single values, not lo:hi")

@@ -30,11 +30,20 @@ def report(results, out, reference, filters, headline_filters, flops_res, format
       bench report results/h100_sweep.jsonl results/quality.jsonl --out reports/h100 \\
           --relative-to serpent_s --filter dtype=bf16
     """
+    import warnings
+
     from bench.report.build import build_report, parse_formats
 
-    rep = build_report(list(results), out, reference=reference, filters=filters,
-                       formats=parse_formats(formats), dpi=dpi,
-                       headline_filters=headline_filters, flops_res=flops_res)
+    with warnings.catch_warnings(record=True) as caught:  # one line each, not a Python warning
+        warnings.simplefilter("always")
+        try:
+            rep = build_report(list(results), out, reference=reference, filters=filters,
+                               formats=parse_formats(formats), dpi=dpi,
+                               headline_filters=headline_filters, flops_res=flops_res)
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    click.echo(f"bench report: warning: {w.message}", err=True)
     n_tables = sum(f.endswith(".md") and f.startswith("tables/") for f in rep.files)
     n_figs = len({f.rsplit(".", 1)[0] for f in rep.files if f.startswith("figures/")})
     click.echo(f"{n_tables} tables and {n_figs} figures written to {rep.out} "

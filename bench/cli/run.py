@@ -46,14 +46,21 @@ def _resolve_gpus(spec: str | None) -> list[int] | None:
               help="Inference, one training step (fwd+bwd+AdamW), or both.")
 @options.device_option
 @click.option("--warmup", type=int, default=None,
-              help=f"Warm-up calls (default {TIMING_DEFAULTS['cuda'][0]} CUDA, "
-                   f"{TIMING_DEFAULTS['cpu'][0]} CPU).")
+              help=f"Warm-up calls at least (default {TIMING_DEFAULTS['cuda'].warmup} CUDA, "
+                   f"{TIMING_DEFAULTS['cpu'].warmup} CPU; more while consecutive calls differ "
+                   "by over 10%).")
 @click.option("--iters", type=int, default=None,
-              help=f"Timed calls at least (default {TIMING_DEFAULTS['cuda'][1]} CUDA, "
-                   f"{TIMING_DEFAULTS['cpu'][1]} CPU).")
+              help=f"Timed calls at least (default {TIMING_DEFAULTS['cuda'].iters} CUDA, "
+                   f"{TIMING_DEFAULTS['cpu'].iters} CPU; more while the median's 95% interval "
+                   "is wider than +-1%, within --budget).")
 @click.option("--min-time", type=float, default=None,
               help="Keep timing until this many seconds have been timed (default "
-                   f"{TIMING_DEFAULTS['cuda'][2]:g} CUDA, {TIMING_DEFAULTS['cpu'][2]:g} CPU).")
+                   f"{TIMING_DEFAULTS['cuda'].min_time:g}).")
+@click.option("--budget", type=float, default=None,
+              help="Seconds per config (warm-up + timed calls) within which the call counts "
+                   f"adapt (default {TIMING_DEFAULTS['cuda'].budget:g} CUDA, "
+                   f"{TIMING_DEFAULTS['cpu'].budget:g} CPU); at least 5 timed calls whatever "
+                   "it says. 0: exactly --warmup and --iters calls.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format.")
 @click.option("--measure", default=None,
@@ -78,24 +85,34 @@ def _resolve_gpus(spec: str | None) -> list[int] | None:
                    "than SEC seconds, instead of timing it: large-image sweeps.")
 @click.option("--cuda-graph", is_flag=True, help="Capture each step into a CUDA graph and time "
               "its replays: GPU time without host launch jitter (launch-bound models).")
-def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min_time, compile_,
-        channels_last, max_call_s, cuda_graph, measure, overrides, out, resume, isolate, timeout, gpus, workers, progress):
-    """Sweep models x resolutions and record params, FLOPs, latency, throughput and memory."""
+def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min_time, budget,
+        compile_, channels_last, max_call_s, cuda_graph, measure, overrides, out, resume,
+        isolate, timeout, gpus, workers, progress):
+    """Sweep models x resolutions and record params, FLOPs, latency, throughput and memory.
+
+    Exit code 1 when a config ends in error (OOM and skipped rows are results, not failures);
+    2 for a usage error.
+    """
     from pathlib import Path
 
     from bench.measure.config import plan_sweep
     from bench.measure.sweep import done_keys, run_sweep
     from bench.report.console import run_table
 
+    if resume and not out:
+        raise UsageError("--resume needs --out FILE: the results file whose configs to skip")
+    if out and Path(out).is_dir():
+        raise UsageError(f"--out {out} is a folder; give a results file such as "
+                         f"{Path(out) / 'bench.jsonl'}")
     gpu_ids = _resolve_gpus(gpus)
     if gpu_ids and device not in ("auto", "cuda"):
         raise UsageError("--gpus picks the devices itself; drop --device (or use --device cuda)")
     device = options.resolve_device("cuda" if gpu_ids else device)
     configs = plan_sweep(models=models, res=res, task=task, scale=scale, batch=batch, dtype=dtype,
                          mode=mode, device=device, measure=measure, warmup=warmup, iters=iters,
-                         min_time=min_time, compile=compile_, channels_last=channels_last,
-                         cuda_graph=cuda_graph, overrides=options.parse_overrides(overrides),
-                         max_call_s=max_call_s)
+                         min_time=min_time, budget=budget, compile=compile_,
+                         channels_last=channels_last, cuda_graph=cuda_graph,
+                         overrides=options.parse_overrides(overrides), max_call_s=max_call_s)
     on_device = bool({"latency", "memory"} & set(configs[0].measure))
     cuda = device.startswith("cuda")
     out = Path(out) if out else Path("runs") / f"bench-{_dt.datetime.utcnow():%Y%m%d-%H%M%S}.jsonl"
@@ -118,9 +135,29 @@ def run(models, res, task, scale, batch, dtype, mode, device, warmup, iters, min
     if rows:
         click.echo(run_table(rows))
     click.echo(f"{len(rows)} rows appended to {out}")
-    failed = sum(r["status"] == "error" for r in rows)
+    failed = [r for r in rows if r["status"] == "error"]
     if failed:
-        click.echo(f"{failed} config(s) failed: see the message column in {out}", err=True)
+        first = failed[0]
+        why = ((first.get("message") or "no message").splitlines() or ["no message"])[0][:200]
+        click.echo(f"bench run: {len(failed)} of {len(rows)} config(s) failed, first "
+                   f"{first['model']} {first['res']}px {first['mode']} {first['dtype']}: {why} "
+                   f"(every message: the message column of {out})", err=True)
+        return 1
+    return 0
+
+
+def short_reference(text: str, width: int = 60) -> str:
+    """A reference that fits a table column: as registered when short enough, else first
+    author et al. with its arXiv id / code link ('Sepehri et al., arXiv 2403.17902')."""
+    import re
+    import textwrap
+
+    if len(text) <= width:
+        return text
+    authors = text.split(":", 1)[0].split(",")
+    short = ", ".join([authors[0].strip() + (" et al." if len(authors) > 1 else ""),
+                       *re.findall(r"arXiv \d{4}\.\d{4,5}|github\.com/[\w./-]+\w", text)])
+    return short if len(short) <= width else textwrap.shorten(text, width, placeholder=" ...")
 
 
 @click.command()
@@ -152,7 +189,7 @@ def models(task, scale, pattern):
         except UsageError as e:
             params = f"n/a ({e})"[:40]
         rows.append([name, info.family, ",".join(info.tasks), "yes" if info.upsampler else "no (bicubic input)",
-                     info.multiple, params, info.reference])
+                     info.multiple, params, short_reference(info.reference)])
     click.echo(tabulate(rows, headers=["model", "family", "tasks", "own SR upsampler", "multiple",
                                        f"params (M, {task}{'x' + str(scale) if task == 'sr' else ''})",
                                        "reference"]))

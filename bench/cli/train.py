@@ -40,6 +40,20 @@ def make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma):
                      noise_sigma=parse_level(noise_sigma) if noise_sigma else None)
 
 
+def default_workers(limit: int = 4) -> int:
+    """DataLoader workers: the cores this process may use (its affinity mask, not the
+    machine's count), shared with the other torchrun processes of the node, at most `limit`;
+    more workers than cores only makes PyTorch warn and the workers compete."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(limit, cores // max(1, local)))
+
+
 @click.command("train")
 @click.option("--model", required=True, help="Registered model name (see `bench models`).")
 @task_options
@@ -67,7 +81,7 @@ def make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma):
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="AdamW peak lr.")
 @click.option("--min-lr", type=float, default=1e-6, show_default=True, help="Cosine floor.")
 @click.option("--warmup", type=int, default=None,
-              help="Linear warm-up iterations (default 5%% of --iters, at most 1000).")
+              help="Linear warm-up iterations (default 5% of --iters, at most 1000).")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @click.option("--loss", type=click.Choice(options.LOSSES), default="l1",
               show_default=True)
@@ -84,6 +98,9 @@ def make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma):
               help="Stop after this iteration (checkpoint written); continue later with --resume.")
 @click.option("--resume", is_flag=False, flag_value="auto", default=None, metavar="[CKPT]",
               help="Continue exactly from CKPT (bare --resume: <out-dir>/last.pt).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out-dir (its checkpoints and log are deleted); "
+                   "without it, or --resume, such a folder is refused.")
 @click.option("--holdout", "holdout_sets", default="",
               help="Sets you will evaluate on: training images also in them (or in --val-set) "
                    "are refused, or dropped with --drop-overlap.")
@@ -92,13 +109,15 @@ def make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma):
 @options.device_option
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
               show_default=True, help="auto: bf16 autocast on CUDA, fp32 on CPU.")
-@click.option("--workers", type=int, default=4, show_default=True, help="DataLoader workers.")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader workers (default: the CPU cores this process may use, split over "
+                   "the processes of this node, at most 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @options.progress_option
 def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, overrides,
           train_sets, iters, time_budget, val_points, recipe, optimizer, crop, batch, out_dir, lr, min_lr, warmup, weight_decay, loss,
           grad_clip, val_sets, val_every, val_limit, ckpt_every, log_every, stop_at, resume,
-          holdout_sets, drop_overlap, device, dtype, workers, seed, progress):
+          overwrite, holdout_sets, drop_overlap, device, dtype, workers, seed, progress):
     """Train MODEL for TASK with AdamW + cosine schedule; writes checkpoints and a CSV log.
 
     Under torchrun (one or several nodes) it trains with DistributedDataParallel: same
@@ -110,11 +129,19 @@ def train(model, task, scale, blur_sigma, kernel_size, noise_sigma, data_root, o
           --iters 2000 --crop 128 --batch 16 --val-set Set5 --out-dir runs/serpent_s_sr8
       torchrun --nproc_per_node 4 -m bench train --model serpent_s ... --batch 32
     """
+    from bench.train.checkpoint import check_run_dir, clear_run_dir
     from bench.train.loop import TrainConfig, TrainingDiverged, train as run
 
     split_names = options.split_names
     rank, _, local_rank = options.torchrun_ranks()
+    if workers is None:
+        workers = default_workers()
     try:
+        check_run_dir(out_dir, resume=resume, overwrite=overwrite)  # before any work
+        if overwrite and rank == 0:
+            removed = clear_run_dir(out_dir)
+            if removed:
+                click.echo(f"--overwrite: removed {', '.join(removed)} from {out_dir}", err=True)
         task_cfg = make_task_from(task, scale, blur_sigma, kernel_size, noise_sigma)
         cfg = TrainConfig(
             model=model, task=task, train_sets=split_names(train_sets), iters=iters, crop=crop,

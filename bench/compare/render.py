@@ -5,6 +5,8 @@ Both come from the same rows so the CI log and the PR comment never disagree. AS
 """
 from __future__ import annotations
 
+import textwrap
+
 from bench.compare.verdict import Comparison, ConfigResult, MetricResult, config_dict, env_label
 from bench.results import VARIANT_FLAGS
 
@@ -56,7 +58,17 @@ def _exact_cell(ms: list[MetricResult]) -> str:
     return ", ".join(f"{SHORT_NAMES.get(m.metric, m.metric)} {metric_cell(m)}" for m in moved)
 
 
-def table(configs: list[ConfigResult], *, escape=lambda s: s) -> tuple[list[str], list[list]]:
+NOTE_WIDTH = 60  # characters per line of the note column on screen
+
+
+def _note(text: str, width: int | None) -> str:
+    """The note cell: wrapped at word boundaries on screen (`width`), whole where a line break
+    cannot be (Markdown); never cut mid-word."""
+    return textwrap.fill(text, width, break_long_words=False) if width else text
+
+
+def table(configs: list[ConfigResult], *, escape=lambda s: s,
+          note_width: int | None = NOTE_WIDTH) -> tuple[list[str], list[list]]:
     """Headers and rows: config columns, status, exact metrics together, one column per other
     judged metric, note."""
     metrics = []
@@ -82,7 +94,7 @@ def table(configs: list[ConfigResult], *, escape=lambda s: s) -> tuple[list[str]
         row += [metric_cell(by_name[m]) if m in by_name else "" for m in metrics]
         notes = [c.note] + [f"{SHORT_NAMES.get(m.metric, m.metric)}: {m.note}"
                             for m in c.metrics if m.note and m.status != "not_compared"]
-        row.append("; ".join(n for n in notes if n)[:160])
+        row.append(_note("; ".join(n for n in notes if n), note_width))
         rows.append([escape(str(v)) for v in row])
     if not any(r[-1] for r in rows):  # no notes at all: drop the empty column
         headers, rows = headers[:-1], [r[:-1] for r in rows]
@@ -162,14 +174,14 @@ def render_markdown(cmp: Comparison) -> str:
         out.append(f"Environment: `{env_label(env)}`")
         out.append("")
         if changed:
-            headers, rows = table(changed, escape=_md_escape)
+            headers, rows = table(changed, escape=_md_escape, note_width=None)
             out.append(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True))
         else:
             out.append(f"All {len(configs)} configs within the rules.")
         if len(changed) == len(configs):
             out.append("")
             continue
-        headers, rows = table(configs, escape=_md_escape)
+        headers, rows = table(configs, escape=_md_escape, note_width=None)
         out += ["", f"<details><summary>All {len(configs)} configs</summary>", "",
                 tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
                 "</details>", ""]

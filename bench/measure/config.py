@@ -7,7 +7,7 @@ a user's `bench run` measures. It raises `UsageError` for what cannot be measure
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from bench import options
 from bench.errors import UsageError
@@ -15,9 +15,21 @@ from bench.results import config_key
 
 CPU_DEFAULT_RES = (32,)  # a CPU forward of MambaIR at 64 px takes ~25 s: keep `bench run` short
 CUDA_DEFAULT_RES = (256, 512, 1024)
-# Timing defaults per device: (warm-up calls, at least this many timed calls, at least this
-# many seconds timed).
-TIMING_DEFAULTS = {"cuda": (10, 50, 1.0), "cpu": (1, 3, 0.0)}
+
+
+class TimingDefaults(NamedTuple):
+    """How long `bench run` times one config (the rule: bench.measure.timing's module doc)."""
+
+    warmup: int  # warm-up calls, at least (more while consecutive calls still differ by >10%)
+    iters: int  # timed calls, at least (more while the median's 95% CI is wider than +-1%)
+    min_time: float  # timed seconds, at least
+    budget: float  # seconds per config (warm-up + timed) within which the counts adapt
+
+
+# Per device. CUDA: ~2 s per config whatever the model, where 10 warm-up and >= 50 timed calls
+# took ~100 s for SwinIR at 1024 px (issue 15); CPU: 1 warm-up and 3 timed calls gave first
+# numbers 6x off (a fresh process's first calls are slow), hence warm-up until steady.
+TIMING_DEFAULTS = {"cuda": TimingDefaults(3, 10, 0.0, 2.0), "cpu": TimingDefaults(2, 10, 0.0, 2.0)}
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,7 @@ class RunConfig:
     warmup: int = 10
     iters: int = 50
     min_time: float = 0.0
+    budget: float = 0.0  # seconds; 0 = exactly `warmup` and `iters` calls (timing.measure)
     compile: bool = False
     channels_last: bool = False
     cuda_graph: bool = False
@@ -81,7 +94,8 @@ def plan_sweep(*, models: str | Sequence[str] = "all", res: str | Sequence[int] 
                batch: str | Sequence[int] = "1", dtype: str | Sequence[str] = "fp32",
                mode: str = "infer", device: str = "cpu",
                measure: str | Sequence[str] | None = None, warmup: int | None = None,
-               iters: int | None = None, min_time: float | None = None, compile: bool = False,
+               iters: int | None = None, min_time: float | None = None,
+               budget: float | None = None, compile: bool = False,
                channels_last: bool = False, cuda_graph: bool = False,
                overrides: dict | None = None, max_call_s: float | None = None
                ) -> list[RunConfig]:
@@ -90,6 +104,7 @@ def plan_sweep(*, models: str | Sequence[str] = "all", res: str | Sequence[int] 
     `device` is a resolved device name ('cpu', 'cuda', 'cuda:N': see options.resolve_device).
     Defaults follow the device: resolutions CUDA_DEFAULT_RES / CPU_DEFAULT_RES, timing
     TIMING_DEFAULTS, and every measure that the device can take (no peak memory on a CPU).
+    `budget=0` times exactly `warmup` and `iters` calls (plus `min_time`).
     """
     from bench import registry
 
@@ -113,22 +128,24 @@ def plan_sweep(*, models: str | Sequence[str] = "all", res: str | Sequence[int] 
     if mode not in (*options.MODES, "both"):
         raise UsageError(f"unknown mode {mode!r}; choose from {', '.join(options.MODES)}, both")
     modes = list(options.MODES) if mode == "both" else [mode]
-    for name, value in (("--warmup", warmup), ("--iters", iters)):
-        if value is not None and value < 0:
-            raise UsageError(f"{name} must be >= 0")
+    for name, value, least in (("--warmup", warmup, 0), ("--iters", iters, 1),
+                               ("--min-time", min_time, 0), ("--budget", budget, 0)):
+        if value is not None and value < least:
+            raise UsageError(f"{name} must be >= {least}, got {value:g}")
     if max_call_s is not None and max_call_s <= 0:
         raise UsageError("--max-call-s must be positive (seconds)")
     on_device = bool({"latency", "memory"} & set(measures))
     if cuda_graph and not on_device:
         raise UsageError("--cuda-graph changes how latency and memory are measured; "
                          "add latency or memory to --measure")
-    d_warmup, d_iters, d_min_time = TIMING_DEFAULTS["cuda" if cuda else "cpu"]
+    timing = TIMING_DEFAULTS["cuda" if cuda else "cpu"]
     configs = [
         RunConfig(model=m, task=task, scale=scale, res=r, batch=b, dtype=dt, mode=md,
                   device=device if on_device else "cpu", measure=measures,
-                  warmup=d_warmup if warmup is None else warmup,
-                  iters=d_iters if iters is None else iters,
-                  min_time=d_min_time if min_time is None else min_time,
+                  warmup=timing.warmup if warmup is None else warmup,
+                  iters=timing.iters if iters is None else iters,
+                  min_time=timing.min_time if min_time is None else min_time,
+                  budget=timing.budget if budget is None else budget,
                   compile=compile, channels_last=channels_last, cuda_graph=cuda_graph,
                   overrides=dict(overrides or {}), max_call_s=max_call_s)
         for m in names for r in resolutions for b in batches for md in modes for dt in dtypes

@@ -8,7 +8,10 @@ static part (weights, grads, optimizer state, inputs) recorded separately. OOM i
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import gc
+import json
 import time
 import traceback
 
@@ -18,7 +21,6 @@ from bench import registry
 from bench.environment import environment
 from bench.errors import UsageError
 from bench.measure.config import RunConfig, check_cuda_graph
-from bench.measure.flops import count_flops
 from bench.measure.timing import measure_with_memory
 from bench.options import torch_dtype
 from serpent import scan
@@ -38,19 +40,41 @@ def _build(cfg: RunConfig):
     return registry.create_model(cfg.model, task=cfg.task, scale=cfg.scale, **cfg.overrides)
 
 
-def _meta_model(cfg: RunConfig):
-    return registry.create_meta_model(cfg.model, task=cfg.task, scale=cfg.scale, **cfg.overrides)
-
-
 def count_config_flops(cfg: RunConfig) -> float:
     """Forward GFLOPs of one image for `cfg` (meta tensors; seconds on a CPU)."""
-    info = registry.model_info(cfg.model)
-    spec = registry.input_spec(info, cfg.task, cfg.res, cfg.scale)
-    return count_flops(_meta_model(cfg), (1, 3, spec.size, spec.size)).gflops
+    return counted_row(cfg)["gflops"]
 
 
-def measure_config(cfg: RunConfig) -> dict:
-    """One row. Never raises for a model failure: OOM and errors become the row's status."""
+def counted_row(cfg: RunConfig) -> dict:
+    """The params and FLOPs columns of `cfg`'s row (those in cfg.measure). Counted once per
+    network, task and resolution: neither depends on dtype, mode, batch (FLOPs are per image)
+    or variant flags, so a sweep over those reuses the count (in the isolated sweep the parent
+    counts and hands the columns to its workers)."""
+    want = tuple(m for m in ("params", "flops") if m in cfg.measure)
+    return copy.deepcopy(dict(_counted(cfg.model, cfg.task, cfg.scale, cfg.res,
+                                       json.dumps(cfg.overrides, sort_keys=True), want)))
+
+
+@functools.lru_cache(maxsize=256)
+def _counted(model: str, task: str, scale: int, res: int, overrides: str, want: tuple) -> tuple:
+    from bench.measure.flops import count_flops  # fvcore + FlopCounterMode: only when counting
+
+    info = registry.model_info(model)
+    spec = registry.input_spec(info, task, res, scale)
+    meta = registry.create_meta_model(model, task=task, scale=scale, **json.loads(overrides))
+    out = {"params": registry.count_params(meta)} if "params" in want else {}
+    if "flops" in want:
+        out.update(count_flops(meta, (1, 3, spec.size, spec.size)).as_row())
+    return tuple(out.items())
+
+
+def measure_config(cfg: RunConfig, counted: dict | None = None) -> dict:
+    """One row. Never raises for a model failure: OOM and errors become the row's status.
+
+    `counted`: the params/FLOPs columns already counted for this config (`counted_row`), e.g.
+    by the parent of an isolated worker (its `flops_s`: the seconds that count took there);
+    counted here when None. The row's `phase_s` says where the seconds went.
+    """
     row = base_row(cfg)
     device = torch.device(cfg.device)
     info = registry.model_info(cfg.model)
@@ -63,15 +87,15 @@ def measure_config(cfg: RunConfig) -> dict:
     if spec.skip_reason:
         return {**row, **environment(device), "status": "skipped", "message": spec.skip_reason}
     shape = (cfg.batch, 3, spec.size, spec.size)
+    phases = {}
     try:
         if "params" in cfg.measure or "flops" in cfg.measure:
-            model = _meta_model(cfg)
-            row["params"] = registry.count_params(model)
-            if "flops" in cfg.measure:
-                row.update(count_flops(model, shape).as_row())
-            del model
+            t0 = time.perf_counter()
+            counts = dict(counted) if counted is not None else counted_row(cfg)
+            phases["flops"] = counts.pop("flops_s", time.perf_counter() - t0)
+            row.update(counts)
         if "latency" in cfg.measure or "memory" in cfg.measure:
-            row.update(_run_on_device(cfg, device, shape))
+            row.update(_run_on_device(cfg, device, shape, phases))
         row.update(status="ok", message="", **achieved_tflops(row, cfg))
     except TooSlow as e:
         row.update(status="skipped", message=str(e))
@@ -84,10 +108,19 @@ def measure_config(cfg: RunConfig) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    row["phase_s"] = phases
     return {**row, **environment(device)}
 
 
-def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...]) -> dict:
+def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...],
+                   phases: dict) -> dict:
+    """Latency/memory columns; `phases` gets the seconds of device_init, build, warmup, timed."""
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.empty(1, device=device)  # the context and the allocator, before the clock below
+    phases["device_init"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     torch.manual_seed(0)
     scan.reset_used_backends()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -124,14 +157,16 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
             scaler.update()
 
     out: dict = {}
+    warmup = max(cfg.warmup, 1)
+    phases["build"] = time.perf_counter() - t0
     if cfg.compile or cfg.max_call_s:  # the first call alone: compilation, or too slow to time
-        first_s = _first_call(prepare, step, device)
+        first_s = phases["first_call"] = _first_call(prepare, step, device)
         if cfg.compile:
             out["compile_s"] = first_s  # torch.compile's tracing and codegen, plus one call
         elif first_s > cfg.max_call_s:
             raise TooSlow(f"too slow: one call took {first_s:.1f} s (--max-call-s "
                           f"{cfg.max_call_s:g})")
-    warmup = max(cfg.warmup, 1)
+    t0 = time.perf_counter()
     if cfg.cuda_graph:  # eager warm-up, capture, then one replay before timing
         fn = capture_cuda_graph(step, prepare, device, warmup)
     elif prepare is None:
@@ -145,14 +180,19 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...])
     timing, memory = measure_with_memory(fn, device=device,
                                          warmup=1 if cfg.cuda_graph else warmup,
                                          iters=cfg.iters if timed else 1,
-                                         min_time_s=cfg.min_time if timed else 0.0)
+                                         min_time_s=cfg.min_time if timed else 0.0,
+                                         budget_s=cfg.budget if timed else 0.0)
+    graph_s = time.perf_counter() - t0 - timing.warmup_s - timing.timed_s  # capture (eager warm-up)
+    phases.update(warmup=graph_s + timing.warmup_s, timed=timing.timed_s)
     if timed:
         out.update(timing.as_row(cfg.batch, cfg.res * cfg.res))
     if "memory" in cfg.measure:
         out.update(memory)
+    t0 = time.perf_counter()
     out["cuda_kernels"] = count_cuda_kernels(fn, device)  # after the timed calls: no effect on them
+    phases["kernels"] = time.perf_counter() - t0
     out["scan_backend"] = ",".join(sorted(scan.used_backends())) or "none"
-    out["warmup"] = warmup
+    out["warmup"] = timing.warmup + (warmup if cfg.cuda_graph else 0)  # eager calls before capture
     out["amp"] = "autocast" if dtype != torch.float32 else "none"
     return out
 

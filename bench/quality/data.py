@@ -44,7 +44,8 @@ def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
     root = Path(value).expanduser()
     if not root.is_dir():
         src = "--data-root" if explicit else f"${DATA_ENV}"
-        raise UsageError(f"data root {root} ({src}) is not a directory")
+        why = "" if root.exists() else ": it does not exist"
+        raise UsageError(f"data root {root} ({src}) is not a directory{why}")
     return root
 
 

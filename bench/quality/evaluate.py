@@ -230,7 +230,7 @@ def file_sha256(path: str | Path) -> str:
 def load_eval_model(name: str, cfg: TaskConfig, weights: str | None = None,
                     device="cpu", overrides: dict | None = None) -> EvalModel:
     """Build registered model `name` for the task and load its weights (if given)."""
-    from bench.registry import create_model, model_info
+    from bench.registry import create_model, model_info, network_name
 
     info = model_info(name)
     wfile, run_dir, config, images = None, None, None, []
@@ -243,6 +243,8 @@ def load_eval_model(name: str, cfg: TaskConfig, weights: str | None = None,
     if config is not None:
         want = {"model": name, "task": cfg.task, "scale": cfg.scale}
         got = {k: config.get(k) for k in want}
+        if network_name(str(got["model"])) == network_name(name):  # an alias, same network
+            got["model"] = name
         if got != want:
             raise UsageError(f"weights {wfile} were trained for {got}, not {want}")
         overrides = {**config.get("model_overrides", {}), **(overrides or {})}

@@ -489,7 +489,8 @@ def render_readme(name: str, data: ReportData, sections, command: str, paths, fo
     lines += ["## Notes", "",
               "- FLOPs: one forward pass of one image, 1 multiply-add = 2 FLOPs; params and FLOPs "
               "do not depend on the card.",
-              "- Latency: median of the timed iterations after warm-up (CUDA events); "
+              "- Latency: median of the timed iterations after warm-up (CUDA events on a GPU, "
+              "time.perf_counter on a CPU); "
               "throughput = batch ÷ median. Peak memory: max allocated after warm-up.",
               "- Cells: OOM = out of memory on that card; n/a = not measured or unavailable "
               "(footnotes say which); – = configuration not in the results."]

@@ -9,6 +9,7 @@ Two rules keep the numbers honest:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import warnings
@@ -40,10 +41,15 @@ class ReportData:
 
 
 def load_rows(paths: list[str]):
-    """All rows of `paths` as one DataFrame; unreadable input is a UsageError."""
+    """All bench rows of `paths` as one DataFrame; unreadable input is a UsageError.
+
+    Torn or garbage lines, and JSON lines that are not bench rows (no model, or nothing
+    measured), are left out with a warning that names their line numbers, as `bench compare`
+    does; they never become rows (an "unknown device" in the environment table).
+    """
     import pandas as pd
 
-    from bench.results import load_results
+    from bench.results import is_bench_row, scan_rows
 
     if not paths:
         raise UsageError("no results file given: bench report RESULTS.jsonl ... --out reports/NAME")
@@ -53,20 +59,36 @@ def load_rows(paths: list[str]):
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "not found"
             raise UsageError(f"results file {p} {what}: give JSONL files written by bench run/eval")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                df = load_results([p])
-            except (OSError, UnicodeError, ValueError) as e:
-                raise UsageError(f"cannot read results file {p}: {e}") from None
-        if df.empty and path.stat().st_size > 0:
-            why = f" ({caught[0].message})" if caught else ""
+        try:
+            numbered, bad = scan_rows(path)
+        except (OSError, UnicodeError) as e:
+            raise UsageError(f"cannot read results file {p}: {e}") from None
+        rows = [r for _, r in numbered if is_bench_row(r)]
+        foreign = [n for n, r in numbered if not is_bench_row(r)]
+        problems = []
+        if bad:
+            problems.append(f"skipped {len(bad)} unreadable line(s) {_lines(bad)} (torn write?)")
+        if foreign:
+            problems.append(f"ignored {len(foreign)} line(s) that are not bench rows "
+                            f"{_lines(foreign)}")
+        if not rows and path.stat().st_size > 0:
+            why = f" ({'; '.join(problems)})" if problems else ""
             raise UsageError(f"{p} holds no readable rows{why}: is it a bench results JSONL file?")
-        if not df.empty:
-            frames.append(df)
+        for problem in problems:
+            warnings.warn(f"{p}: {problem}", stacklevel=2)
+        for r in rows:
+            r.setdefault("kind", "efficiency")
+            r["source"] = str(p)
+        if rows:
+            frames.append(pd.DataFrame(rows))
     if not frames:
         raise UsageError(f"no rows in {', '.join(map(str, paths))}")
     return pd.concat(frames, ignore_index=True)
+
+
+def _lines(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:8]))
+    return f"(line{'s' if len(numbers) > 1 else ''} {shown}{', ...' if len(numbers) > 8 else ''})"
 
 
 # ----------------------------------------------------------------------------- --filter
@@ -145,11 +167,24 @@ def _overrides(value) -> dict:
     return {}
 
 
+@functools.lru_cache(maxsize=None)
+def network_of(model: str) -> str:
+    """The registered network an alias names (`serpent` -> `serpent_s`), else `model`: rows of
+    an alias and of its network are one series, never two lines over each other."""
+    try:
+        from bench.registry import network_name
+    except ImportError:  # the models cannot be imported here: names as they are
+        return model
+    return network_name(model)
+
+
 def label_of(model: str, overrides) -> str:
-    """Model name, plus constructor overrides when there are any: `swinir [attn_impl=math]`."""
+    """Network name (aliases resolved), plus constructor overrides when there are any:
+    `swinir [attn_impl=math]`."""
+    model = network_of(str(model))
     ov = _overrides(overrides)
     if not ov:
-        return str(model)
+        return model
     return f"{model} [{', '.join(f'{k}={v}' for k, v in sorted(ov.items()))}]"
 
 
@@ -287,6 +322,7 @@ def resolve_reference(reference: str | None, labels) -> str | None:
     labels = set(labels)
     if reference is None:
         return "serpent_s" if "serpent_s" in labels else None
+    reference = network_of(reference)
     if reference not in labels:
         known = ", ".join(sorted(labels)) or "none"
         raise UsageError(f"--relative-to {reference}: no rows for that model; "

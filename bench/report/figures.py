@@ -273,11 +273,12 @@ def throughput_vs_res(canvas: Canvas, rows, *, order, styles, reference, name, t
     labels = _labels_in(rows, order)
     with rc_context():
         fig, (ax,) = canvas.figure(height=2.0 + _legend_height(len(labels), title=True))
-        handles, names = [], []
+        handles, names, drawn = [], [], set()
         for lb in labels:
             res, thr = _series(rows, lb, "throughput_img_s")
             if not res:
                 continue
+            drawn.update(res)
             alpha = scaling_exponent(res, thr)
             text = lb if alpha is None else f"{lb} (α = {alpha:.2f})".replace("= -", "= −")
             (h,) = ax.plot(res, thr, **styles[lb].line_kw(lb == reference))
@@ -285,7 +286,7 @@ def throughput_vs_res(canvas: Canvas, rows, *, order, styles, reference, name, t
             names.append(text)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        _res_axis(ax, rows["res"])
+        _res_axis(ax, sorted(drawn) or rows["res"])  # OOM-only resolutions have no point to show
         plain_log_ticks(ax)
         ax.set_ylabel("throughput (img/s)")
         ax.set_title("\n".join(title))

@@ -118,7 +118,7 @@ def efficiency_table(rows, metric: Metric, *, order: list[str], reference: str |
         groups.append((f"{res}×{res}", 2 if ref else 1))
     table = Table(name=name, title=title, headers=headers, cells=[], values=[], groups=groups,
                   subheaders=subheaders)
-    table.add_note(metric.note)
+    table.add_note(_timer_note(metric.note, rows))
     for lb in labels:
         cells, values = [lb], [lb]
         if show_params:
@@ -140,6 +140,16 @@ def efficiency_table(rows, metric: Metric, *, order: list[str], reference: str |
         table.add_note(f"vs {ref}: ratio model ÷ {ref} at the same resolution "
                        f"(> 1: higher {metric.name} than {ref}).")
     return table
+
+
+def _timer_note(note: str, rows) -> str:
+    """A latency note names the timer that ran: CUDA events on a GPU, perf_counter on a CPU."""
+    if "CUDA events" not in note:
+        return note
+    devices = [str(d) for d in rows["device_name"].dropna()]
+    if devices and all(d.startswith("cpu") for d in devices):
+        return note.replace("CUDA events", "time.perf_counter around each call, on the CPU")
+    return note
 
 
 def _latest_params(rows, label):

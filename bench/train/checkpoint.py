@@ -23,6 +23,38 @@ TRAIN_CONFIG = "train_config.json"
 TRAIN_IMAGES = "train_images.json"
 
 
+# What a run writes into its folder: what --overwrite replaces and what a new run must not.
+RUN_FILES = ("last.pt", "best.pt", "train_log.csv", TRAIN_CONFIG, TRAIN_IMAGES)
+
+
+def check_run_dir(out_dir: str | Path, *, resume: str | None, overwrite: bool) -> None:
+    """Refuse, before any work, a run folder that cannot be used as asked: a file, or a folder
+    that already holds a run when neither --resume (continue it) nor --overwrite (replace it)
+    says what to do with it; a new run would silently replace its checkpoints and log."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file; give a folder (it receives checkpoints, "
+                         "train_log.csv and train_config.json)")
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out-dir and --overwrite replaces it: "
+                         "pick one")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume and not overwrite:
+        raise UsageError(f"--out-dir {out} already holds a training run ({', '.join(found)}); "
+                         "continue it with --resume, replace it with --overwrite, or give "
+                         "another folder")
+
+
+def clear_run_dir(out_dir: str | Path) -> list[str]:
+    """Remove an earlier run's files (--overwrite), so no stale best.pt outlives it; returns
+    the names removed. Other files in the folder are left alone."""
+    out = Path(out_dir)
+    removed = [name for name in RUN_FILES if (out / name).is_file()]
+    for name in removed:
+        (out / name).unlink()
+    return removed
+
+
 def save_checkpoint(obj: dict, path: Path) -> None:
     """torch.save, atomically (bench.files.atomic_write)."""
     atomic_write(path, lambda f: torch.save(obj, f))
