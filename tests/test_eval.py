@@ -54,12 +54,13 @@ def test_metrics_equal_scikit_image_on_the_same_y_channel(task, scale):
 
 
 def test_lpips_unavailable_fails_fast_without_network(tmp_path, monkeypatch):
+    monkeypatch.delenv("SERPENT_BENCH_LPIPS_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     import pyiqa.utils.download_util as du
     monkeypatch.setattr(du, "DEFAULT_CACHE_DIR", str(tmp_path / "pyiqa"))
     t = time.perf_counter()
     metric, status = make_lpips("cpu")
-    assert metric is None and status.startswith("unavailable: weights not in the local cache")
+    assert metric is None and status.startswith("unavailable: weights not found")
     assert str(tmp_path) in status
     # present but unreadable files: still a status, not a crash or a download
     (tmp_path / "checkpoints").mkdir()

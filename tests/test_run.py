@@ -211,7 +211,7 @@ def test_models_imports_neither_timm_nor_torchvision_nor_dynamo():
 def test_achieved_tflops_and_no_kernel_count_on_cpu(tiny_models):
     row = measure_config(_cfg("_tiny", 16))
     assert row["tflops_achieved"] == pytest.approx(row["gflops"] / row["latency_ms_median"])
-    assert row["cuda_kernels"] is None  # kernels are counted on CUDA only
+    assert "cuda_kernels" not in row  # kernels are counted on CUDA only
     train = measure_config(_cfg("_tiny", 16, mode="train"))
     assert train["tflops_achieved"] == pytest.approx(3 * train["gflops"]
                                                      / train["latency_ms_median"])

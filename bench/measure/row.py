@@ -188,9 +188,10 @@ def _run_on_device(cfg: RunConfig, device: torch.device, shape: tuple[int, ...],
         out.update(timing.as_row(cfg.batch, cfg.res * cfg.res))
     if "memory" in cfg.measure:
         out.update(memory)
-    t0 = time.perf_counter()
-    out["cuda_kernels"] = count_cuda_kernels(fn, device)  # after the timed calls: no effect on them
-    phases["kernels"] = time.perf_counter() - t0
+    if device.type == "cuda":  # after the timed calls: no effect on them
+        t0 = time.perf_counter()
+        out["cuda_kernels"] = count_cuda_kernels(fn, device)
+        phases["kernels"] = time.perf_counter() - t0
     out["scan_backend"] = ",".join(sorted(scan.used_backends())) or "none"
     out["warmup"] = timing.warmup + (warmup if cfg.cuda_graph else 0)  # eager calls before capture
     out["amp"] = "autocast" if dtype != torch.float32 else "none"
