@@ -140,9 +140,6 @@ def test_report_shows_error_rows_and_the_complete_rows_of_a_torn_file(report_run
     assert "nafnet_w32" in csv and "17.1" in csv  # its parameter count (M) in a FLOPs table
 
 
-@pytest.mark.xfail(strict=False, reason="bench report swallows the torn-line warning "
-                   "(bench/report/data.py records it and drops it): issue #15, being fixed "
-                   "on the first-hour branch")
 def test_report_warns_about_a_torn_line(report_run):
     p, _ = report_run
     assert TORN_WARNING in p.stderr

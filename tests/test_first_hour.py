@@ -161,8 +161,6 @@ def test_row_records_where_its_seconds_went():
     from bench.measure.config import plan_sweep
     from bench.measure.row import measure_config
 
-    # not Serpent: its inference-mode caches would break later training tests in this process
-    # (the serpent/scan.py inference-tensor bug, fixed on branch serpent-fused)
     cfg = plan_sweep(models="nafnet_w32", res="16", device="cpu", warmup=1, iters=2, budget=0)[0]
     row = measure_config(cfg)
     assert row["status"] == "ok", row["message"]

@@ -17,20 +17,6 @@ from bench.results import read_rows
 
 MODELS = resolve_models("all")  # every distinct network, aliases skipped
 
-# Known failures of serpent/ (not ours to edit; fixed on branch serpent-fused), by message.
-# Each case is marked xfail only when its row fails with exactly this message.
-KNOWN = {  # message -> (models it applies to, reason)
-    "Inference tensors cannot be saved for backward": (("serpent_t", "serpent_s", "serpent_b"),
-        "serpent/model.py caches scan orders (lru_cache on scan_orders) built under "
-        "inference_mode and reuses them in the training step; fixed on branch serpent-fused"),
-    "Inplace update to inference tensor outside InferenceMode": (
-        ("serpent_t", "serpent_s", "serpent_b", "mambair"),  # every user of serpent.scan
-        "serpent/scan.py reuses CPU work buffers made under inference_mode in the custom op's "
-        "forward of the training step (the `bench train --val-set` crash of issue 15); "
-        "serpent/ is fixed on branch serpent-fused"),
-}
-
-
 pytestmark = pytest.mark.slow  # one process, 16 configs: about a minute of CPU
 
 
@@ -59,10 +45,6 @@ def test_the_sweep_covers_every_registered_network():
 @pytest.mark.parametrize("model", MODELS)
 def test_inference_then_training_in_one_process(sweep_rows, model, mode):
     row = sweep_rows[(model, mode)]
-    if row["status"] != "ok":
-        for needle, (models, reason) in KNOWN.items():
-            if model in models and needle in (row.get("message") or ""):
-                pytest.xfail(reason)
     assert row["status"] == "ok", row["message"]
     assert row["latency_ms_median"] > 0 and row["iters"] >= 1
     assert row["res"] == 16 and row["input_res"] == 16

@@ -17,14 +17,6 @@ from bench.quality.tasks import make_task
 from bench.registry import count_params, create_meta_model, list_models, model_info
 from bench.train.loop import TrainConfig, train
 
-SERPENT_SCAN_BUG = ("fixed on branch serpent-fused (serpent/: buffers and caches made under "
-                    "inference_mode, e.g. scan.py _time_major's workspace, reused in training)")
-
-
-class InferenceTensorBug(RuntimeError):
-    """The one failure the xfail below stands for; any other error fails the test."""
-
-
 def _one_per_constructor() -> list[str]:
     smallest: dict = {}
     for name in list_models():
@@ -34,13 +26,6 @@ def _one_per_constructor() -> list[str]:
         if fn not in smallest or rank < smallest[fn][1]:
             smallest[fn] = (name, rank)
     return sorted(name for name, _ in smallest.values())
-
-
-def _case(name):
-    # models that run serpent's selective scan (Serpent, MambaIR) hit the bug named above
-    marks = [pytest.mark.xfail(reason=SERPENT_SCAN_BUG, raises=InferenceTensorBug, strict=False)
-             ] if model_info(name).family == "ssm" else []
-    return pytest.param(name, marks=marks)
 
 
 def _images(folder, n, size, seed):
@@ -65,23 +50,12 @@ def _cfg(root, out, **kw):
                                  warmup=1, device="cpu", progress=False), **kw})
 
 
-def _train(*args):
-    try:
-        return train(*args)
-    except RuntimeError as e:
-        # "Inplace update to inference tensor ...", or "Inference tensors cannot be saved for
-        # backward" when an earlier test's inference left them in the model's caches
-        if "nference tensor" in str(e):
-            raise InferenceTensorBug(str(e)) from e
-        raise
-
-
-@pytest.mark.parametrize("name", [_case(n) for n in _one_per_constructor()])
+@pytest.mark.parametrize("name", _one_per_constructor())
 def test_train_validate_resume(name, data_root, tmp_path):
     task = make_task("denoise")
-    full = _train(_cfg(data_root, tmp_path / "full", model=name), task)
-    part = _train(_cfg(data_root, tmp_path / "part", model=name, stop_at=1), task)
-    resumed = _train(_cfg(data_root, tmp_path / "part", model=name, resume="auto"), task)
+    full = train(_cfg(data_root, tmp_path / "full", model=name), task)
+    part = train(_cfg(data_root, tmp_path / "part", model=name, stop_at=1), task)
+    resumed = train(_cfg(data_root, tmp_path / "part", model=name, resume="auto"), task)
     assert full["iteration"] == resumed["iteration"] == 2 and part["iteration"] == 1
     assert np.isfinite(full["best_val_psnr"]) and np.isfinite(resumed["best_val_psnr"])
     a = torch.load(tmp_path / "full" / "last.pt", map_location="cpu", weights_only=True)["model"]

@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+from serpent.flops import FLOP_HANDLES, torch_flops
 from serpent.scan import selective_scan_macs
 
 with warnings.catch_warnings():  # fvcore imports torch.jit.script, deprecated in recent torch
@@ -138,6 +139,10 @@ class _OpRecorder(TorchDispatchMode):
         if self.paused:
             return out
         name = func._schema.name
+        if name in FLOP_HANDLES:  # Serpent's fused ops: several categories per call
+            for category, macs in FLOP_HANDLES[name](args).items():
+                self.macs[category] += macs
+            return out
         handled = _aten_macs(name, args, out[0] if isinstance(out, (tuple, list)) else out)
         if handled is not None:
             self.macs[handled[0]] += handled[1]
@@ -175,6 +180,10 @@ def _register_torch_formulas() -> None:
         D_shape = rest[2] if len(rest) > 2 else kw.get("D")
         z_shape = rest[3] if len(rest) > 3 else kw.get("z")
         return 2 * selective_scan_macs(b, d, l, A_shape[-1], D_shape is not None, z_shape is not None)
+
+    for name in FLOP_HANDLES:  # raw arguments: the handles read shapes of tensors and lists
+        register_flop_formula(getattr(torch.ops.serpent, name.split("::")[1]), get_raw=True)(
+            lambda *args, out_val=None, _name=name, **kwargs: torch_flops(_name, args))
 
     @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
     def _cpu_sdpa_flops(q_shape, k_shape, v_shape, *rest, out_shape=None, **kw):
