@@ -29,6 +29,9 @@ t0=$SECONDS
 DEADLINE=${DEADLINE:-570}  # the device tool stops a command at 600 s; packing takes a few
 left() { local l=$(( DEADLINE - SECONDS + t0 )); (( l > $1 )) && echo "$1" || echo $(( l > 5 ? l : 5 )); }
 log() { echo "[$(( SECONDS - t0 )) s] $*"; }
+# NO_MAMBA=1: leave mamba-ssm's kernel out (its compile takes ~170 s of a fresh machine) for
+# stages that do not need it; Serpent then runs its fused Triton path, MambaIR the chunked scan
+if [[ "${NO_MAMBA:-0}" == 1 && -d .gpu/src ]]; then mv .gpu/src .gpu/src.off; fi
 source .gpu/setup.sh > "$R/setup.log" 2>&1
 tail -n 2 "$R/setup.log"; log "setup"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$R/gpus.csv"
@@ -49,7 +52,7 @@ dl() { echo $(( $(left "$1") - 15 )); }  # a script's own deadline inside its st
 for s in ${STAGES:-serpent}; do
   case $s in
     serpent) stage serpent 420 python -m benchmarks.serpent_kernels --out "$R/serpent" --deadline-s "$(dl 420)" ;;
-    baselines) stage baselines 300 python -m benchmarks.baseline_formulations --out "$R/baselines" --deadline-s "$(dl 300)" ;;
+    baselines) stage baselines "${BASELINES_S:-300}" python -m benchmarks.baseline_formulations --out "$R/baselines" --models "${BASELINE_MODELS:-restormer,nafnet_w64,nafnet_w32,swinir,mambair}" --deadline-s "$(dl "${BASELINES_S:-300}")" ;;
     baselines2) stage baselines2 300 python -m benchmarks.baseline_formulations --out "$R/baselines2" --resume "$R/baselines/rows.jsonl" --deadline-s "$(dl 300)" ;;
     overhead) stage overhead 200 python -m benchmarks.sweep_overhead --out "$R/overhead" ;;
     main) stage main 150 bench run --models serpent,swinir --res 256,512,1024 --no-progress --out "$R/main.jsonl" ;;
