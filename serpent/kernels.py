@@ -180,27 +180,36 @@ def pyramid_fwd_kernel(xz_ptr, w_ptr, b_ptr, xs_ptr, batch, height, width, inner
     if NUM_SCALES > 1:
         tl.debug_barrier()  # the pooled scales read back this tile's stored pixels
         for s in tl.static_range(1, NUM_SCALES):
-            F: tl.constexpr = 1 << s
-            SUB: tl.constexpr = TILE // F
-            j = tl.arange(0, SUB * SUB)
-            rq = r0 // F + j // SUB
-            cq = c0 // F + j % SUB
-            hs, ws = _scale_pixels(height, width, s)
-            acc2 = tl.zeros((SUB * SUB, CB), CT)
-            cnt = tl.zeros((SUB * SUB,), tl.int32)
-            for d in tl.static_range(F * F):
-                rr = rq * F + d // F
-                cc = cq * F + d % F
-                m = (rr < height) & (cc < width)
-                acc2 += tl.load(dst + (rr * width + cc)[:, None] * inner + ch[None, :],
-                                mask=m[:, None] & mch[None, :], other=0).to(CT)
-                cnt += m.to(tl.int32)
-            val = acc2 / tl.maximum(cnt, 1).to(CT)[:, None]
-            start = _scale_offset(height, width, batch, s, NUM_SCALES) + bi * hs * ws
-            out = xs_ptr + start * inner
-            mq = (rq < hs) & (cq < ws)
-            tl.store(out + (rq * ws + cq)[:, None] * inner + ch[None, :], val,
-                     mask=mq[:, None] & mch[None, :])
+            _pool_tile(xs_ptr, dst, r0, c0, bi, ch, mch, batch, height, width, inner,
+                       s, NUM_SCALES, TILE, CB, CT)
+
+
+@triton.jit
+def _pool_tile(xs_ptr, dst, r0, c0, bi, ch, mch, batch, height, width, inner, s: tl.constexpr,
+               NUM_SCALES: tl.constexpr, TILE: tl.constexpr, CB: tl.constexpr, CT: tl.constexpr):
+    """Scale s of one tile: the 2^s x 2^s windows' means of the stored scale-0 pixels. A function
+    of its own so that F and SUB are constexprs (Triton 3.6 neither lets a constexpr be annotated
+    again in an unrolled loop nor keeps a plain assignment there constexpr)."""
+    F: tl.constexpr = 1 << s
+    SUB: tl.constexpr = TILE // F
+    j = tl.arange(0, SUB * SUB)
+    rq = r0 // F + j // SUB
+    cq = c0 // F + j % SUB
+    hs, ws = _scale_pixels(height, width, s)
+    acc = tl.zeros((SUB * SUB, CB), CT)
+    cnt = tl.zeros((SUB * SUB,), tl.int32)
+    for d in tl.static_range(F * F):
+        rr = rq * F + d // F
+        cc = cq * F + d % F
+        m = (rr < height) & (cc < width)
+        acc += tl.load(dst + (rr * width + cc)[:, None] * inner + ch[None, :],
+                       mask=m[:, None] & mch[None, :], other=0).to(CT)
+        cnt += m.to(tl.int32)
+    val = acc / tl.maximum(cnt, 1).to(CT)[:, None]
+    start = _scale_offset(height, width, batch, s, NUM_SCALES) + bi * hs * ws
+    mq = (rq < hs) & (cq < ws)
+    tl.store(xs_ptr + start * inner + (rq * ws + cq)[:, None] * inner + ch[None, :], val,
+             mask=mq[:, None] & mch[None, :])
 
 
 @triton.jit(do_not_specialize=("batch", "height", "width", "inner", "R", "N"))
@@ -587,7 +596,7 @@ def pyramid_bwd_pre_kernel(xz_ptr, w_ptr, b_ptr, du_ptr, dw_ptr, db_ptr,
     du0 = du_ptr + (bi * height * width + r * width + c)[:, None] * inner + ch[None, :]
     g = tl.load(du0, mask=m2, other=0)
     for s in tl.static_range(1, NUM_SCALES):
-        F: tl.constexpr = 1 << s
+        F = 1 << s  # used in arithmetic only (no constexpr needed)
         hs, ws = _scale_pixels(height, width, s)
         rq = r // F
         cq = c // F
