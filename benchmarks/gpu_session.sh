@@ -12,8 +12,8 @@
 #   tests      the GPU-marked tests (mamba vs chunked vs fused scan, kernel counts)
 #   overhead   benchmarks.sweep_overhead: per-config overhead by phase, and the wall time of
 #              the main command (issue 15)
-#   main       the main command once more (sweep_overhead ran it once: issue 12 wants two runs
-#              that agree within 2% and rise with resolution)
+#   main       the main command; main2 runs it again (issue 12 wants two runs that agree within
+#              2% and rise with resolution)
 #   timer      timer_check: serpent_s eager and graph at 256/1024 against triton's do_bench
 #   graphtrain one CUDA-graph training step of every model at 256 px
 #   compile    bench run --compile for serpent_s (compile time in the row)
@@ -51,11 +51,12 @@ stage() {  # stage NAME SECONDS COMMAND...: run once (a marker file says done), 
 dl() { echo $(( $(left "$1") - 15 )); }  # a script's own deadline inside its stage's limit
 for s in ${STAGES:-serpent}; do
   case $s in
-    serpent) stage serpent 420 python -m benchmarks.serpent_kernels --out "$R/serpent" --deadline-s "$(dl 420)" ;;
+    serpent) stage serpent "${SERPENT_S:-420}" python -m benchmarks.serpent_kernels --out "$R/serpent" --paths "${SERPENT_PATHS:-new,old}" --deadline-s "$(dl "${SERPENT_S:-420}")" ;;
     baselines) stage baselines "${BASELINES_S:-300}" python -m benchmarks.baseline_formulations --out "$R/baselines" --models "${BASELINE_MODELS:-restormer,nafnet_w64,nafnet_w32,swinir,mambair}" --deadline-s "$(dl "${BASELINES_S:-300}")" ;;
     baselines2) stage baselines2 300 python -m benchmarks.baseline_formulations --out "$R/baselines2" --resume "$R/baselines/rows.jsonl" --deadline-s "$(dl 300)" ;;
     overhead) stage overhead 200 python -m benchmarks.sweep_overhead --out "$R/overhead" ;;
     main) stage main 150 bench run --models serpent,swinir --res 256,512,1024 --no-progress --out "$R/main.jsonl" ;;
+    main2) stage main2 150 bench run --models serpent,swinir --res 256,512,1024 --no-progress --out "$R/main2.jsonl" ;;
     timer) stage timer 120 python -m benchmarks.timer_check --out "$R/timer_check.jsonl" --rounds 4 --iters 30 --models serpent_s ;;
     graphtrain) stage graphtrain 150 bench run --models all --res 256 --mode train --dtype bf16 --cuda-graph --no-progress --out "$R/train_graph.jsonl" ;;
     compile) stage compile 200 bench run --models serpent_s --res 256 --dtype bf16 --compile --no-progress --out "$R/compile.jsonl" ;;

@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -48,11 +47,13 @@ from pathlib import Path
 
 import torch
 
+from bench.environment import git_state
 from serpent import scan
 from serpent.model import CONFIGS, MSSM, Serpent
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PATHS = {"new": "triton", "old": "mamba"}
+PATHS = {"new": "triton", "old": "mamba"}  # "old" is "chunked" where mamba-ssm is not built
+MEASURED = ["new", "old"]  # paths parts b, c and e time (--paths)
 DEVICE = "cuda"
 MODELS = ("serpent_s", "serpent_t", "serpent_b")  # serpent_s first: the model
 RES = (256, 1024)
@@ -135,11 +136,7 @@ def environment() -> dict:
         except Exception:  # noqa: BLE001
             return None
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        commit = None
+    commit = git_state()[0]
     return {"device_name": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "triton": version("triton"), "cuda": torch.version.cuda,
             "mamba_ssm": version("mamba_ssm"), "python": platform.python_version(),
@@ -362,7 +359,7 @@ def steps(m: Serpent, x: torch.Tensor, dtype: torch.dtype):
 
 def part_b(run: Run) -> None:
     for name in MODELS:
-        for path in ("new", "old"):
+        for path in MEASURED:
             for res in RES:
                 for dname, dtype in DTYPES.items():
                     cfg = {"model": name, "path": path, "res": res, "dtype": dname, **tf32_fields()}
@@ -460,14 +457,14 @@ def part_c(run: Run) -> None:
     for res in RES:
         for dname, dtype in DTYPES.items():
             for mode in ("infer", "train"):
-                for path in ("new", "old"):
+                for path in MEASURED:
                     cfg = {"model": "serpent_s", "path": path, "res": res, "dtype": dname,
                            "mode": mode, "batch": 1, **tf32_fields()}
                     run.attempt("c", cfg, lambda path=path, res=res, dtype=dtype, mode=mode:
                                 latency("serpent_s", path, res, dtype, mode, budget_s=4.0),
                                 new_path=path == "new", min_left=15)
     for res, paths in BIG_RES:
-        for path in paths:
+        for path in (p for p in paths if p in MEASURED):
             cfg = {"model": "serpent_s", "path": path, "res": res, "dtype": "bf16",
                    "mode": "infer", "batch": 1, **tf32_fields()}
 
@@ -544,9 +541,10 @@ def part_e(run: Run) -> None:
     saved = os.environ.get("SERPENT_SCAN_TILES")
     try:
         for dname, dtype in DTYPES.items():
-            run.attempt("e", {"mixer": "serpent_s level0 @1024px", "backend": PATHS["old"],
-                              "dtype": dname}, lambda dtype=dtype: mixer_time(PATHS["old"], dtype),
-                        min_left=10)
+            if "old" in MEASURED:
+                run.attempt("e", {"mixer": "serpent_s level0 @1024px", "backend": PATHS["old"],
+                                  "dtype": dname},
+                            lambda dtype=dtype: mixer_time(PATHS["old"], dtype), min_left=10)
             for tiles in TILES:
                 os.environ["SERPENT_SCAN_TILES"] = tiles
                 run.attempt("e", {"mixer": "serpent_s level0 @1024px", "backend": PATHS["new"],
@@ -569,12 +567,18 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=230.0,
                    help="stop starting new measurements after this many seconds")
     p.add_argument("--parts", default="abcde", help="which parts to run, e.g. 'ab'")
+    p.add_argument("--paths", default="new,old",
+                   help="paths parts b, c and e time: 'new' alone saves half of their time")
     args = p.parse_args(argv)
+    MEASURED[:] = [x for x in args.paths.split(",") if x in PATHS]
+    if not scan.mamba_available():  # the unfused reference then uses the chunked PyTorch scan
+        PATHS["old"] = "chunked"
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     run = Run(args.out, args.deadline_s)
     run.write({"part": "env", "status": "ok", "mamba_available": scan.mamba_available(),
+               "old_backend": PATHS["old"], "measured_paths": MEASURED,
                "argv": sys.argv[1:], **tf32_fields()})
     parts = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
     # cumulative shares of the deadline; part a also pays for most Triton compilations
