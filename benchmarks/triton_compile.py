@@ -62,22 +62,25 @@ def capture(out: Path) -> int:
     norm.INTERPRET_ON_CPU = True
 
     torch.manual_seed(0)
-    for num_scales in (1, 2, 3, 4):
-        for path in ("serpentine", "raster"):
-            model = Serpent(embed_dim=16, depths=(1, 1), dec_depths=(1,), num_scales=num_scales,
-                            scan_path=path, scan_backend="triton")
-            x = torch.rand(1, 3, 24, 20)
-            for dtype in (torch.float32, torch.float64):
-                m = model.to(dtype)
-                with torch.inference_mode():
-                    m(x.to(dtype))
-                m(x.to(dtype).requires_grad_()).sum().backward()
-            model = model.float()
-            for dtype in (torch.bfloat16, torch.float16):
-                with torch.autocast("cpu", dtype=dtype):
+    x = torch.rand(1, 3, 64, 64)  # level 0: 256 steps, 4 chunks of 64 (launches do not run)
+    for tiles in ("", "64,2,4,4,8,1"):  # default tiles, then forward segments of one chunk
+        os.environ["SERPENT_SCAN_TILES"] = tiles
+        for num_scales in (1, 2, 3, 4):
+            for path in ("serpentine", "raster"):
+                model = Serpent(embed_dim=16, depths=(1, 1), dec_depths=(1,),
+                                num_scales=num_scales, scan_path=path, scan_backend="triton")
+                for dtype in (torch.float32, torch.float64):
+                    m = model.to(dtype)
                     with torch.inference_mode():
-                        model(x)
-                    model(x.requires_grad_()).float().sum().backward()
+                        m(x.to(dtype))
+                    m(x.to(dtype).requires_grad_()).sum().backward()
+                model = model.float()
+                for dtype in (torch.bfloat16, torch.float16):
+                    with torch.autocast("cpu", dtype=dtype):
+                        with torch.inference_mode():
+                            model(x)
+                        model(x.requires_grad_()).float().sum().backward()
+
     for dtype in (torch.float32, torch.bfloat16):
         for centered, fmt in ((True, torch.contiguous_format), (False, torch.channels_last)):
             w, b = torch.ones(48, requires_grad=True), torch.zeros(48, requires_grad=True)

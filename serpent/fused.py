@@ -70,11 +70,13 @@ class ScanTiles:
     bwd_channels: int = 4
     fwd_warps: int = 4
     bwd_warps: int = 8
+    segment: int = 32  # chunks per forward segment (sequences longer than this split)
 
     @classmethod
     def from_env(cls) -> "ScanTiles":
         """Defaults, or SERPENT_SCAN_TILES="chunk,fwd_channels,bwd_channels,fwd_warps,bwd_warps"
-        (powers of two; benchmarks/serpent_kernels.py sweeps them)."""
+        with an optional sixth field, segment (powers of two; benchmarks/serpent_kernels.py
+        sweeps them)."""
         return _parse_tiles(os.environ.get("SERPENT_SCAN_TILES"))
 
 
@@ -321,12 +323,21 @@ def _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_
     states = xz.new_empty(_state_elements(b, h, w, inner, n, num_scales, tiles.chunk)
                           if save_states else 0, dtype=ct)
     cbf = min(tiles.fwd_channels, _pow2(inner))
-    kernels.scan_fwd_kernel[(b * 4 * -(-inner // cbf), num_scales)](
-        xs, x_dbl, ydir, states if save_states else xs,
-        *_pointers(A_log), *_pointers(D), *_pointers(dt_weight), *_pointers(dt_bias),
-        b, h, w, inner, rank, n,
-        SERPENTINE=path == "serpentine", NUM_SCALES=num_scales, SAVE_STATES=save_states,
-        T=tiles.chunk, CB=cbf, NP=_pow2(n), RP=_pow2(rank), CT=CT, num_warps=tiles.fwd_warps)
+    nseg = -(-(-(-h * w // tiles.chunk)) // tiles.segment)  # segments of the longest sequence
+    summaries = xz.new_empty(num_scales * b * 4 * nseg * 2 * inner * n if nseg > 1 else 0,
+                             dtype=ct)
+    scan_args = (*_pointers(A_log), *_pointers(D), *_pointers(dt_weight), *_pointers(dt_bias),
+                 b, h, w, inner, rank, n, tiles.segment, nseg)
+    scan_opts = dict(SERPENTINE=path == "serpentine", NUM_SCALES=num_scales,
+                     SAVE_STATES=save_states, SEGMENTED=nseg > 1, T=tiles.chunk, CB=cbf,
+                     NP=_pow2(n), RP=_pow2(rank), CT=CT, num_warps=tiles.fwd_warps)
+    grid = (b * 4 * -(-inner // cbf), num_scales, nseg)
+    if nseg > 1:  # every segment's end state and decay from a zero start (see the kernel)
+        kernels.scan_fwd_kernel[grid](xs, x_dbl, ydir, xs, summaries, *scan_args,
+                                      SUMMARY=True, **scan_opts)
+    kernels.scan_fwd_kernel[grid](xs, x_dbl, ydir, states if save_states else xs,
+                                  summaries if nseg > 1 else xs, *scan_args, SUMMARY=False,
+                                  **scan_opts)
 
     cat = xz.new_empty(b, h, w, num_scales * inner)
     pix, cb = 32, min(32, _pow2(inner))

@@ -212,31 +212,56 @@ def _pool_tile(xs_ptr, dst, r0, c0, bi, ch, mch, batch, height, width, inner, s:
              mask=mq[:, None] & mch[None, :])
 
 
-@triton.jit(do_not_specialize=("batch", "height", "width", "inner", "R", "N"))
-def scan_fwd_kernel(xs_ptr, xdbl_ptr, y_ptr, state_ptr,
+@triton.jit(do_not_specialize=("batch", "height", "width", "inner", "R", "N", "seg_chunks",
+                               "nseg"))
+def scan_fwd_kernel(xs_ptr, xdbl_ptr, y_ptr, state_ptr, seg_ptr,
                     A0, A1, A2, A3, D0, D1, D2, D3, W0, W1, W2, W3, E0, E1, E2, E3,
-                    batch, height, width, inner, R, N,
+                    batch, height, width, inner, R, N, seg_chunks, nseg,
                     SERPENTINE: tl.constexpr, NUM_SCALES: tl.constexpr, SAVE_STATES: tl.constexpr,
+                    SUMMARY: tl.constexpr, SEGMENTED: tl.constexpr,
                     T: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
                     CT: tl.constexpr):
-    """Selective scan of one (batch, direction, channel block) of scale program_id(1):
+    """Selective scan of one (batch, direction, channel block) of scale program_id(1), over the
+    chunks of segment program_id(2) (seg_chunks chunks of T steps each):
 
         delta = softplus(dt_w[k] @ dt + dt_b[k]),  h_t = exp(delta A) h_{t-1} + delta B_t u_t,
         y_t = <C_t, h_t> + D u_t,  written to ydir at the step's pixel.
-    A = -exp(A_log); (A_log, D, dt_w, dt_b) of scale s are (A{s}, D{s}, W{s}, E{s})."""
+    A = -exp(A_log); (A_log, D, dt_w, dt_b) of scale s are (A{s}, D{s}, W{s}, E{s}).
+
+    Why segments: one program walking a whole sequence (65536 steps at 1024 px) is bound by
+    the latency of its chunk loop, with too few programs to fill the card. SUMMARY=True runs
+    every segment from a zero state and stores its end state and decay product (seg_ptr:
+    [s][b][k][seg][2][inner][N]); the second launch (SEGMENTED=True) first chains the summaries
+    of the segments before its own into its true start state, then scans and writes y."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
+    seg = tl.program_id(2)
     ncb = tl.cdiv(inner, CB)
     cb = pid % ncb
     k = (pid // ncb) % 4
     bi = (pid // (ncb * 4)).to(tl.int64)
     hs, ws = _scale_pixels(height, width, s)
     length = hs * ws
-    A_log = _pick(s, A0, A1, A2, A3)
-    Dp = _pick(s, D0, D1, D2, D3)
-    Wp = _pick(s, W0, W1, W2, W3)
-    Ep = _pick(s, E0, E1, E2, E3)
+    nch = tl.cdiv(length, T)
+    c_first = seg * seg_chunks
+    if c_first < nch:
+        c_last = tl.minimum(c_first + seg_chunks, nch)
+        _scan_fwd_segment(xs_ptr, xdbl_ptr, y_ptr, state_ptr, seg_ptr,
+                          _pick(s, A0, A1, A2, A3), _pick(s, D0, D1, D2, D3),
+                          _pick(s, W0, W1, W2, W3), _pick(s, E0, E1, E2, E3),
+                          batch, height, width, inner, R, N, nseg, s, seg, cb, k, bi, hs, ws,
+                          nch, c_first, c_last, SERPENTINE, NUM_SCALES, SAVE_STATES, SUMMARY,
+                          SEGMENTED, T, CB, NP, RP, CT)
 
+
+@triton.jit
+def _scan_fwd_segment(xs_ptr, xdbl_ptr, y_ptr, state_ptr, seg_ptr, A_log, Dp, Wp, Ep,
+                      batch, height, width, inner, R, N, nseg, s, seg, cb, k, bi, hs, ws,
+                      nch, c_first, c_last, SERPENTINE: tl.constexpr, NUM_SCALES: tl.constexpr,
+                      SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr, SEGMENTED: tl.constexpr,
+                      T: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                      CT: tl.constexpr):
+    length = hs * ws
     ch = cb * CB + tl.arange(0, CB)
     mch = ch < inner
     n = tl.arange(0, NP)
@@ -256,19 +281,28 @@ def scan_fwd_kernel(xs_ptr, xdbl_ptr, y_ptr, state_ptr,
     xs_base = xs_ptr + (pix0 + bi * length) * inner
     xd_base = xdbl_ptr + (pix0 + bi * length) * F4 + k * (R + 2 * N)
     y_base = y_ptr + (4 * pix0 + (k * batch + bi) * length) * inner
-    nch = tl.cdiv(length, T)
     st_base = state_ptr + _state_offset(height, width, batch, inner, N, s, T, NUM_SCALES) \
         + (bi * 4 + k) * nch * inner * N
     st_off = ch[:, None] * N + n[None, :]
     st_mask = mch[:, None] & mn[None, :]
+    # summaries of this (scale, batch, direction): 2 * inner * N values per segment
+    sm_base = seg_ptr + ((s * batch + bi) * 4 + k) * nseg * 2 * inner * N
 
     rows = tl.arange(0, T)
+    last = (rows == T - 1)[:, None, None]
     h = tl.zeros((CB, NP), CT)
+    if SEGMENTED and not SUMMARY:  # the true start state: earlier segments chained in order
+        for j in range(seg):
+            h_end = tl.load(sm_base + (2 * j) * inner * N + st_off, mask=st_mask, other=0)
+            d_all = tl.load(sm_base + (2 * j + 1) * inner * N + st_off, mask=st_mask, other=0)
+            h = d_all * h + h_end
+    d_seg = tl.full((CB, NP), 1.0, CT)
     # software pipelining by hand: the next chunk's loads are issued before this chunk's
     # arithmetic, so their latency overlaps it (the loads past the end are masked off)
-    p, valid, u, dt, Bm, Cm = _chunk_inputs(rows, k, hs, ws, xs_base, xd_base, inner, ch, mch, n,
-                                            mn, rr, mr, R, N, F4, SERPENTINE, CT)
-    for c in range(nch):
+    p, valid, u, dt, Bm, Cm = _chunk_inputs(c_first * T + rows, k, hs, ws, xs_base, xd_base,
+                                            inner, ch, mch, n, mn, rr, mr, R, N, F4, SERPENTINE,
+                                            CT)
+    for c in range(c_first, c_last):
         p_next, valid_next, u_next, dt_next, B_next, C_next = _chunk_inputs(
             (c + 1) * T + rows, k, hs, ws, xs_base, xd_base, inner, ch, mch, n, mn, rr, mr, R, N,
             F4, SERPENTINE, CT)
@@ -278,14 +312,20 @@ def scan_fwd_kernel(xs_ptr, xdbl_ptr, y_ptr, state_ptr,
         delta = tl.where(mt, _softplus(dtp + bias[None, :]), 0.0)
         a = tl.exp(delta[:, :, None] * A[None, :, :])
         x = (delta * u)[:, :, None] * Bm[:, None, :]
-        if SAVE_STATES:
+        if SAVE_STATES and not SUMMARY:
             tl.store(st_base + c * inner * N + st_off, h, mask=st_mask)
         decay, hl = tl.associative_scan((a, x), 0, _linear_combine)
         hh = hl + decay * h[None, :, :]
-        y = tl.sum(hh * Cm[:, None, :], axis=2) + Dv[None, :] * u
-        tl.store(y_base + p[:, None] * inner + ch[None, :], y, mask=mt & mch[None, :])
-        h = tl.sum(tl.where((rows == T - 1)[:, None, None], hh, 0.0), axis=0)
+        if SUMMARY:
+            d_seg = d_seg * tl.sum(tl.where(last, decay, 0.0), axis=0)
+        else:
+            y = tl.sum(hh * Cm[:, None, :], axis=2) + Dv[None, :] * u
+            tl.store(y_base + p[:, None] * inner + ch[None, :], y, mask=mt & mch[None, :])
+        h = tl.sum(tl.where(last, hh, 0.0), axis=0)
         p, valid, u, dt, Bm, Cm = p_next, valid_next, u_next, dt_next, B_next, C_next
+    if SUMMARY:
+        tl.store(sm_base + (2 * seg) * inner * N + st_off, h, mask=st_mask)
+        tl.store(sm_base + (2 * seg + 1) * inner * N + st_off, d_seg, mask=st_mask)
 
 
 @triton.jit
