@@ -512,7 +512,9 @@ def part_d(run: Run) -> None:
 # --------------------------------------------------------------------------- e: scan tiles
 
 
-TILES = ["64,2,4,4,8", "32,2,4,4,4", "64,1,4,4,8", "128,1,4,8,8", "64,4,8,4,8", "32,4,4,4,4"]
+# chunk, forward channels, backward channels, forward warps, backward warps, forward segment
+TILES = ["64,2,4,4,8,32", "64,2,4,4,8,8", "64,2,4,4,8,128", "64,1,4,4,8,16", "64,4,4,4,8,8",
+         "32,2,4,4,4,32"]
 
 
 def part_e(run: Run) -> None:
