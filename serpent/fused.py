@@ -70,7 +70,7 @@ class ScanTiles:
     bwd_channels: int = 4
     fwd_warps: int = 4
     bwd_warps: int = 8
-    segment: int = 32  # chunks per forward segment (sequences longer than this split)
+    segment: int = 32  # chunks per segment, forward and backward (longer sequences split)
 
     @classmethod
     def from_env(cls) -> "ScanTiles":
@@ -97,6 +97,17 @@ def _scale_sizes(h: int, w: int, num_scales: int) -> list[tuple[int, int]]:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segments(h: int, w: int, tiles: "ScanTiles") -> int:
+    """Segments of the longest (scale 0) sequence: the scan kernels' third grid dimension."""
+    chunks = -(-h * w // tiles.chunk)
+    return -(-chunks // tiles.segment)
+
+
+def _summary_elements(b: int, inner: int, n: int, num_scales: int, nseg: int) -> int:
+    """(end state or carry, decay product) per segment of every (scale, batch, direction)."""
+    return num_scales * b * 4 * nseg * 2 * inner * n if nseg > 1 else 0
 
 
 def _state_elements(b: int, h: int, w: int, inner: int, n: int, num_scales: int, chunk: int) -> int:
@@ -323,9 +334,8 @@ def _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_
     states = xz.new_empty(_state_elements(b, h, w, inner, n, num_scales, tiles.chunk)
                           if save_states else 0, dtype=ct)
     cbf = min(tiles.fwd_channels, _pow2(inner))
-    nseg = -(-(-(-h * w // tiles.chunk)) // tiles.segment)  # segments of the longest sequence
-    summaries = xz.new_empty(num_scales * b * 4 * nseg * 2 * inner * n if nseg > 1 else 0,
-                             dtype=ct)
+    nseg = _segments(h, w, tiles)
+    summaries = xz.new_empty(_summary_elements(b, inner, n, num_scales, nseg), dtype=ct)
     scan_args = (*_pointers(A_log), *_pointers(D), *_pointers(dt_weight), *_pointers(dt_bias),
                  b, h, w, inner, rank, n, tiles.segment, nseg)
     scan_opts = dict(SERPENTINE=path == "serpentine", NUM_SCALES=num_scales,
@@ -553,12 +563,20 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
         dcat, dys = dfused, dfused
 
     cbb = min(tiles.bwd_channels, _pow2(inner))
-    kernels.scan_bwd_kernel[(b * 4 * -(-inner // cbb), num_scales)](
-        xs, x_dbl, states, dcat, dys, g["du"], g["dxd"], g["dA"], g["dD"], g["dE"], g["dW"],
-        *_pointers(A_log), *_pointers(D), *_pointers(dt_weight), *_pointers(dt_bias),
-        b, h, w, inner, rank, n,
-        SERPENTINE=path == "serpentine", NUM_SCALES=num_scales,
-        T=tiles.chunk, CB=cbb, NP=_pow2(n), RP=_pow2(rank), CT=CT, num_warps=tiles.bwd_warps)
+    nseg = _segments(h, w, tiles)
+    summaries = torch.empty(_summary_elements(b, inner, n, num_scales, nseg), dtype=ct,
+                            device=xz.device)
+    scan_args = (xs, x_dbl, states, dcat, dys, g["du"], g["dxd"], g["dA"], g["dD"], g["dE"],
+                 g["dW"], summaries if nseg > 1 else xs,
+                 *_pointers(A_log), *_pointers(D), *_pointers(dt_weight), *_pointers(dt_bias),
+                 b, h, w, inner, rank, n, tiles.segment, nseg)
+    scan_opts = dict(SERPENTINE=path == "serpentine", NUM_SCALES=num_scales, SEGMENTED=nseg > 1,
+                     T=tiles.chunk, CB=cbb, NP=_pow2(n), RP=_pow2(rank), CT=CT,
+                     num_warps=tiles.bwd_warps)
+    grid = (b * 4 * -(-inner // cbb), num_scales, nseg)
+    if nseg > 1:  # every segment's leaving carry and product of a from a zero carry
+        kernels.scan_bwd_kernel[grid](*scan_args, SUMMARY=True, **scan_opts)
+    kernels.scan_bwd_kernel[grid](*scan_args, SUMMARY=False, **scan_opts)
 
     # x_dbl = xs @ W_s^T of every scale: du += d x_dbl @ W_s, dW_s = d x_dbl^T @ xs
     _grouped_matmul(kernels, g["dxd"], x_proj, g["du"], b, h, w, 4 * f, inner,

@@ -137,6 +137,11 @@ def _shifted_combine(p1, l1, v1, p2, l2, v2):
 
 
 @triton.jit
+def _multiply(a, b):
+    return a * b
+
+
+@triton.jit
 def _silu_grad(x):
     sig = tl.sigmoid(x)
     return sig * (1.0 + x * (1.0 - sig))
@@ -490,12 +495,14 @@ def merge_bwd_kernel(dcat_ptr, dy_ptr, batch, height, width, inner,
         tl.store(dst + q[:, None] * inner + ch[None, :], acc, mask=mq[:, None] & mch[None, :])
 
 
-@triton.jit(do_not_specialize=("batch", "height", "width", "inner", "R", "N"))
+@triton.jit(do_not_specialize=("batch", "height", "width", "inner", "R", "N", "seg_chunks",
+                               "nseg"))
 def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
-                    du_ptr, dxdbl_ptr, dA_ptr, dD_ptr, dE_ptr, dW_ptr,
+                    du_ptr, dxdbl_ptr, dA_ptr, dD_ptr, dE_ptr, dW_ptr, seg_ptr,
                     A0, A1, A2, A3, D0, D1, D2, D3, W0, W1, W2, W3, E0, E1, E2, E3,
-                    batch, height, width, inner, R, N,
+                    batch, height, width, inner, R, N, seg_chunks, nseg,
                     SERPENTINE: tl.constexpr, NUM_SCALES: tl.constexpr,
+                    SUMMARY: tl.constexpr, SEGMENTED: tl.constexpr,
                     T: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
                     CT: tl.constexpr):
     """Backward of scan_fwd_kernel, chunks in reverse time order. Per chunk: the forward scan
@@ -505,19 +512,41 @@ def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
         du = D dy + delta <g, B>,   d delta = u <g, B> + <g (h - x), A>   (a_t h_{t-1} = h_t - x_t)
         dB = g delta u,  dC = dy h,  dA_log = A sum g (h - x) delta,  dD = sum dy u,
         d dt_pre = d delta * sigmoid(dt_pre) -> dt_b, dt_w and the dt rows of x_dbl.
-    dy of a pixel is the same for all four directions (their sum is the output)."""
+    dy of a pixel is the same for all four directions (their sum is the output).
+
+    Segments of seg_chunks chunks run in parallel as in forward: the carry leaving a segment
+    is linear in the carry entering it, carry_out = (prod of its a) carry_in + carry_local, so
+    SUMMARY=True stores (carry_local, prod a) of every segment from a zero carry and the second
+    launch chains the later segments' summaries into its own entering carry."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
+    seg = tl.program_id(2)
     ncb = tl.cdiv(inner, CB)
     cb = pid % ncb
     k = (pid // ncb) % 4
     bi = (pid // (ncb * 4)).to(tl.int64)
     hs, ws = _scale_pixels(height, width, s)
+    nch = tl.cdiv(hs * ws, T)
+    c_first = seg * seg_chunks
+    if c_first < nch:
+        _scan_bwd_segment(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr, du_ptr, dxdbl_ptr,
+                          dA_ptr, dD_ptr, dE_ptr, dW_ptr, seg_ptr, _pick(s, A0, A1, A2, A3),
+                          _pick(s, D0, D1, D2, D3), _pick(s, W0, W1, W2, W3),
+                          _pick(s, E0, E1, E2, E3), batch, height, width, inner, R, N,
+                          seg_chunks, nseg, s, seg, cb, k, bi, hs, ws, nch, c_first,
+                          tl.minimum(c_first + seg_chunks, nch), SERPENTINE, NUM_SCALES, SUMMARY,
+                          SEGMENTED, T, CB, NP, RP, CT)
+
+
+@triton.jit
+def _scan_bwd_segment(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr, du_ptr, dxdbl_ptr,
+                      dA_ptr, dD_ptr, dE_ptr, dW_ptr, seg_ptr, A_log, Dp, Wp, Ep,
+                      batch, height, width, inner, R, N, seg_chunks, nseg, s, seg, cb, k, bi,
+                      hs, ws, nch, c_first, c_last, SERPENTINE: tl.constexpr,
+                      NUM_SCALES: tl.constexpr, SUMMARY: tl.constexpr, SEGMENTED: tl.constexpr,
+                      T: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                      CT: tl.constexpr):
     length = hs * ws
-    A_log = _pick(s, A0, A1, A2, A3)
-    Dp = _pick(s, D0, D1, D2, D3)
-    Wp = _pick(s, W0, W1, W2, W3)
-    Ep = _pick(s, E0, E1, E2, E3)
 
     ch = cb * CB + tl.arange(0, CB)
     mch = ch < inner
@@ -542,23 +571,33 @@ def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
     # d cat's first channel block is scale 0's gradient (read in place), dys holds scales 1..
     dcat_base = dcat_ptr + bi * length * (NUM_SCALES * inner)
     dys_base = dys_ptr + (pix0 - batch * height * width + bi * length) * inner
-    nch = tl.cdiv(length, T)
     st_base = state_ptr + _state_offset(height, width, batch, inner, N, s, T, NUM_SCALES) \
         + (bi * 4 + k) * nch * inner * N
     st_off = ch[:, None] * N + n[None, :]
 
+    sm_base = seg_ptr + ((s * batch + bi) * 4 + k) * nseg * 2 * inner * N
+
     rows = tl.arange(0, T)
+    last = (rows == T - 1)[:, None, None]
     carry = tl.zeros((CB, NP), CT)
+    if SEGMENTED and not SUMMARY:  # the entering carry: later segments chained, last first
+        nseg_s = tl.cdiv(nch, seg_chunks)
+        for jj in range(nseg_s - 1 - seg):
+            j = nseg_s - 1 - jj
+            c_local = tl.load(sm_base + (2 * j) * inner * N + st_off, mask=m_cn, other=0)
+            a_all = tl.load(sm_base + (2 * j + 1) * inner * N + st_off, mask=m_cn, other=0)
+            carry = a_all * carry + c_local
+    a_seg = tl.full((CB, NP), 1.0, CT)
     dA_acc = tl.zeros((CB, NP), CT)
     dD_acc = tl.zeros((CB,), CT)
     dE_acc = tl.zeros((CB,), CT)
     dW_acc = tl.zeros((CB, RP), CT)
     # chunks in reverse time order; the next one's inputs are loaded ahead (as in forward)
-    p, valid, u, dt, Bm, Cm = _chunk_inputs((nch - 1) * T + rows, k, hs, ws, xs_base, xd_base,
-                                            inner, ch, mch, n, mn, rr, mr, R, N, 4 * F,
+    p, valid, u, dt, Bm, Cm = _chunk_inputs((c_last - 1) * T + rows, k, hs, ws, xs_base,
+                                            xd_base, inner, ch, mch, n, mn, rr, mr, R, N, 4 * F,
                                             SERPENTINE, CT)
-    for ci in range(nch):
-        c = nch - 1 - ci
+    for ci in range(c_last - c_first):
+        c = c_last - 1 - ci
         p_next, valid_next, u_next, dt_next, B_next, C_next = _chunk_inputs(
             (c - 1) * T + rows, k, hs, ws, xs_base, xd_base, inner, ch, mch, n, mn, rr, mr, R, N,
             4 * F, SERPENTINE, CT)
@@ -575,36 +614,43 @@ def scan_bwd_kernel(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr,
         delta = tl.where(mt, _softplus(pre), 0.0)
         a = tl.exp(delta[:, :, None] * A[None, :, :])
         du_ = delta * u
-        x = du_[:, :, None] * Bm[:, None, :]
-        h0 = tl.load(st_base + c * inner * N + st_off, mask=m_cn, other=0)
-        decay, hl = tl.associative_scan((a, x), 0, _linear_combine)
-        h = hl + decay * h0[None, :, :]
-        e = Cm[:, None, :] * dy[:, :, None] \
-            + tl.where((rows == T - 1)[:, None, None], carry[None, :, :], 0.0)
+        e = Cm[:, None, :] * dy[:, :, None] + tl.where(last, carry[None, :, :], 0.0)
         _, _, g = tl.associative_scan((tl.full(a.shape, 1.0, CT), a, e), 0, _shifted_combine,
                                       reverse=True)
         carry = tl.sum(tl.where((rows == 0)[:, None, None], a * g, 0.0), axis=0)
-        gB = tl.sum(g * Bm[:, None, :], axis=2)
-        ghx = g * (h - x)
-        ddelta = u * gB + tl.sum(ghx * A[None, :, :], axis=2)
-        dA_acc += tl.sum(ghx * delta[:, :, None], axis=0)
-        dD_acc += tl.sum(dy * u, axis=0)
-        dpre = tl.where(m_tc, ddelta * tl.sigmoid(pre), 0.0)
-        dE_acc += tl.sum(dpre, axis=0)
-        dW_acc += tl.sum(dpre[:, :, None] * dt[:, None, :], axis=0)
-        tl.atomic_add(du_base + p[:, None] * inner + ch[None, :], Dv[None, :] * dy + delta * gB,
-                      mask=m_tc)
-        dxrow = dxd_base + p[:, None] * 4 * F
-        tl.atomic_add(dxrow + rr[None, :], tl.sum(dpre[:, :, None] * Wdt[None, :, :], axis=1),
-                      mask=mt & mr[None, :])
-        tl.atomic_add(dxrow + R + n[None, :], tl.sum(g * du_[:, :, None], axis=1), mask=m_tn)
-        tl.atomic_add(dxrow + R + N + n[None, :], tl.sum(h * dy[:, :, None], axis=1), mask=m_tn)
+        if SUMMARY:  # the product of the segment's a (the forward decay of its chunks)
+            a_seg = a_seg * tl.reduce(a, 0, _multiply)
+        else:
+            x = du_[:, :, None] * Bm[:, None, :]
+            h0 = tl.load(st_base + c * inner * N + st_off, mask=m_cn, other=0)
+            decay, hl = tl.associative_scan((a, x), 0, _linear_combine)
+            h = hl + decay * h0[None, :, :]
+            gB = tl.sum(g * Bm[:, None, :], axis=2)
+            ghx = g * (h - x)
+            ddelta = u * gB + tl.sum(ghx * A[None, :, :], axis=2)
+            dA_acc += tl.sum(ghx * delta[:, :, None], axis=0)
+            dD_acc += tl.sum(dy * u, axis=0)
+            dpre = tl.where(m_tc, ddelta * tl.sigmoid(pre), 0.0)
+            dE_acc += tl.sum(dpre, axis=0)
+            dW_acc += tl.sum(dpre[:, :, None] * dt[:, None, :], axis=0)
+            tl.atomic_add(du_base + p[:, None] * inner + ch[None, :], Dv[None, :] * dy + delta * gB,
+                          mask=m_tc)
+            dxrow = dxd_base + p[:, None] * 4 * F
+            tl.atomic_add(dxrow + rr[None, :], tl.sum(dpre[:, :, None] * Wdt[None, :, :], axis=1),
+                          mask=mt & mr[None, :])
+            tl.atomic_add(dxrow + R + n[None, :], tl.sum(g * du_[:, :, None], axis=1), mask=m_tn)
+            tl.atomic_add(dxrow + R + N + n[None, :], tl.sum(h * dy[:, :, None], axis=1), mask=m_tn)
         p, valid, u, dt, Bm, Cm = p_next, valid_next, u_next, dt_next, B_next, C_next
-    # parameter gradients of scale s: (A_log, D, dt_b, dt_w) stacked per scale, atomic over batch
-    tl.atomic_add(dA_ptr + s * 4 * inner * N + pc[:, None] * N + n[None, :], dA_acc * A, mask=m_cn)
-    tl.atomic_add(dD_ptr + s * 4 * inner + pc, dD_acc, mask=mch)
-    tl.atomic_add(dE_ptr + s * 4 * inner + pc, dE_acc, mask=mch)
-    tl.atomic_add(dW_ptr + s * 4 * inner * R + pc[:, None] * R + rr[None, :], dW_acc, mask=m_cr)
+    if SUMMARY:
+        tl.store(sm_base + (2 * seg) * inner * N + st_off, carry, mask=m_cn)
+        tl.store(sm_base + (2 * seg + 1) * inner * N + st_off, a_seg, mask=m_cn)
+    else:  # parameter gradients of scale s: (A_log, D, dt_b, dt_w) stacked per scale, atomic
+        tl.atomic_add(dA_ptr + s * 4 * inner * N + pc[:, None] * N + n[None, :], dA_acc * A,
+                      mask=m_cn)
+        tl.atomic_add(dD_ptr + s * 4 * inner + pc, dD_acc, mask=mch)
+        tl.atomic_add(dE_ptr + s * 4 * inner + pc, dE_acc, mask=mch)
+        tl.atomic_add(dW_ptr + s * 4 * inner * R + pc[:, None] * R + rr[None, :], dW_acc,
+                      mask=m_cr)
 
 
 @triton.jit(do_not_specialize=("batch", "height", "width", "inner", "xz_stride"))

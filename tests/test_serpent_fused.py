@@ -76,22 +76,24 @@ def test_fused_core_matches_unfused_float64(shape, num_scales, path):
 
 @pytest.mark.parametrize("tiles", ["4,2,2,1,1,2", "4,2,2,1,1,1", "8,4,2,1,1,4"])
 def test_segmented_forward_scan_matches_float64(monkeypatch, tiles):
-    """Sequences split into segments scanned in parallel (a summary launch, then the scan that
-    chains the earlier segments' summaries): 35 steps in chunks of 4 are 9 chunks, 5 segments
-    of 2 chunks at scale 0, 2 at scale 1, 1 at scale 2 (its later programs have no work)."""
+    """Sequences split into segments scanned in parallel, forward and backward (a summary
+    launch, then the scan that chains the other segments' summaries): 35 steps in chunks of 4
+    are 9 chunks, 5 segments of 2 chunks at scale 0, 2 at scale 1, 1 at scale 2 (its later
+    programs have no work)."""
     monkeypatch.setenv("SERPENT_SCAN_TILES", tiles)
     launches = collections.Counter()
     kernels = importlib.import_module("serpent.kernels")
     run = type(kernels.scan_fwd_kernel).run
 
     def counting(self, *args, **kwargs):
-        if "SUMMARY" in kwargs:  # the scan; the class's other kernels pass
-            launches[kwargs["SUMMARY"]] += 1
+        if "SUMMARY" in kwargs:  # the scans, forward and backward; other kernels pass
+            launches[self.fn.__name__, kwargs["SUMMARY"]] += 1
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(type(kernels.scan_fwd_kernel), "run", counting)
     check_against_sequential((1, 5, 7), 3, "serpentine")
-    assert launches == {True: 1, False: 1}, launches
+    assert launches == {(name, summary): 1 for name in ("scan_fwd_kernel", "scan_bwd_kernel")
+                        for summary in (True, False)}, launches
 
 
 def check_against_sequential(shape, num_scales, path):
