@@ -269,7 +269,9 @@ def test_serpent_s_kernel_launch_budget(counted_launches):
     inference forward (~930 CUDA kernels on an H200, issue #12). Per Serpent block the fused
     path launches 10 Triton kernels forward (4 linear layers with their LayerNorm / GELU /
     residual, and the mixer core: pyramid, x_proj of all scales, scan, merge, fuse, norm/gate)
-    and 17 backward (+ 5 zeroed gradient buffers); the budgets leave a few launches of slack."""
+    and 17 backward (+ 5 zeroed gradient buffers); the budgets leave a few launches of slack.
+    (Where a sequence is longer than one scan segment, 2048 steps, each scan adds a summary
+    launch: not at 64 px.)"""
     torch.manual_seed(0)
     model = Serpent(**CONFIGS["serpent_s"], scan_backend="triton")
     x = torch.rand(1, 3, 64, 64)
