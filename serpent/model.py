@@ -1,6 +1,7 @@
 """Serpent: multi-scale selective-state-space image restoration (our reading of arXiv 2403.17902).
 
-The official code is not available; this follows the paper's description (see MODEL_CARD.md for
+The authors' code and weights (published with arXiv v3) cannot be reached from our machines; this
+follows the paper's description (see MODEL_CARD.md for
 which hyperparameters are ours): patch embedding -> U-Net of Serpent blocks (encoder stages with
 2x downsampling and doubling channels, bottleneck, decoder with skip connections) -> PixelShuffle
 un-embedding -> output conv, plus a global residual. A Serpent block is pre-norm
@@ -347,7 +348,8 @@ class Serpent(nn.Module):
 
 REFERENCE = ("Sepehri, Fabian, Soltanolkotabi: 'Serpent: Scalable and Efficient Image Restoration "
              "via Multi-scale Structured State Space Models', arXiv 2403.17902 (NGSM workshop, "
-             "ICML 2024); official code not available, our reading of the paper")
+             "ICML 2024); code (GitHub AIF4S/Serpent) and weights (Hugging Face hub) published "
+             "with arXiv v3 but unreachable from our machines: our reading of the paper")
 NOTES = ("x1 network: for SR it gets the bicubic upsample (upsampler=False); "
          "hyperparameters are ours (serpent/MODEL_CARD.md)")
 _REG = dict(family="ssm", multiple=1, upsampler=False, reference=REFERENCE,
