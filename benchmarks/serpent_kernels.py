@@ -24,6 +24,7 @@ or the fused path failed earlier). Parts, in order of importance:
      bf16 inference at 2048 / 4096 / 8192 px for the new path (and 2048 for the old).
   d  torch.compile(fullgraph=True) of serpent_s (new path), bf16 inference at 256 px: compile
      time and latency.
+  h  where the host's time goes in eager serpent_s at 256 px (cProfile, own time per function).
   e  scan tiles (SERPENT_SCAN_TILES) of the fused mixer at serpent_s level 0, 1024 px.
 
 Runs in about 3-4 minutes on one H200 (Triton compiles its kernels on first use, ~1 minute of
@@ -476,6 +477,39 @@ def part_c(run: Run) -> None:
             run.attempt("c", cfg, big, new_path=path == "new", min_left=25)
 
 
+def part_h(run: Run) -> None:
+    """Where the host's time goes in eager serpent_s at 256 px (launch-bound there): cProfile
+    of 30 forwards, the functions with the most own time."""
+    import cProfile
+    import pstats
+
+    def host(dtype):
+        m = model("serpent_s", "new")
+        x = torch.rand(1, 3, RES[0], RES[0], device=DEVICE)
+        infer = steps(m, x, dtype)[0]
+        for _ in range(5):
+            infer()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(30):
+            infer()
+        prof.disable()
+        host_ms = (time.perf_counter() - t0) / 30 * 1e3
+        torch.cuda.synchronize()
+        st = pstats.Stats(prof)
+        top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:30]
+        return {"host_ms_per_forward_profiled": host_ms, "top_own_time": [
+            {"function": f"{Path(f).name}:{line}({name})", "calls_per_forward": nc / 30,
+             "own_ms_per_forward": tt / 30 * 1e3, "cum_ms_per_forward": ct / 30 * 1e3}
+            for (f, line, name), (_, nc, tt, ct, _) in top]}
+
+    for dname, dtype in DTYPES.items():
+        run.attempt("h", {"model": "serpent_s", "path": "new", "res": RES[0], "dtype": dname,
+                          "mode": "infer"}, lambda dtype=dtype: host(dtype), new_path=True)
+
+
 # --------------------------------------------------------------------------- d: compile
 
 
@@ -568,7 +602,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="folder for serpent_kernels.jsonl")
     p.add_argument("--deadline-s", type=float, default=230.0,
                    help="stop starting new measurements after this many seconds")
-    p.add_argument("--parts", default="abcde", help="which parts to run, e.g. 'ab'")
+    p.add_argument("--parts", default="abchde", help="which parts to run, e.g. 'ab'")
     p.add_argument("--paths", default="new,old",
                    help="paths parts b, c and e time: 'new' alone saves half of their time")
     args = p.parse_args(argv)
@@ -582,10 +616,10 @@ def main(argv=None) -> int:
     run.write({"part": "env", "status": "ok", "mamba_available": scan.mamba_available(),
                "old_backend": PATHS["old"], "measured_paths": MEASURED,
                "argv": sys.argv[1:], **tf32_fields()})
-    parts = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e}
+    parts = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "h": part_h}
     # shares of the deadline (part a also pays for most Triton compilations), cumulative over
     # the parts chosen
-    weights = {"a": 0.35, "b": 0.25, "c": 0.22, "d": 0.11, "e": 0.07}
+    weights = {"a": 0.35, "b": 0.25, "c": 0.22, "d": 0.11, "e": 0.07, "h": 0.04}
     total, done = sum(weights[k] for k in args.parts), 0.0
     for key in args.parts:
         done += weights[key]
