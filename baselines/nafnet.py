@@ -22,9 +22,9 @@ at 256 px where the official norm's many small kernels dominate):
   pool is the official integral-image computation, with the cumulative sums kept in at least
   float32 so half-precision runs do not overflow.
 
-GPU-PLACEHOLDER(issue 13): per-formulation latency and peak memory of NAFNet-w32/w64 on one
-H200 at 256/512/1024 px (official vs default, bf16/fp32, inference/training), from
-`python -m benchmarks.baseline_formulations` (results/<run>/...).
+Per-formulation latency and peak memory of NAFNet-w32/w64 on a GPU
+(`python -m benchmarks.baseline_formulations`) are not in a committed run yet; the formulations
+agree with the official one in the CPU tests (tests/test_baseline_formulations.py).
 
 Configurations (official option files):
 - deblur (GoPro, `options/test/GoPro/NAFNet-width{32,64}.yml`): enc [1,1,1,28], middle 1,
@@ -67,9 +67,9 @@ FORMULATIONS = {
     "layer_norm_cl": dict(norm_impl="layer_norm", fused_residual=True,
                           memory_format="channels_last"),
 }
-# GPU-PLACEHOLDER(issue 13): chosen by `python -m benchmarks.baseline_formulations` on one H200
-# (the fastest formulation of NAFNet-w32 and -w64 over 256/512/1024 px, bf16/fp32, inference
-# and training step); set from that run's summary and cite it here.
+# "fused": the Triton channel norm and the fused residual (same values as the official
+# formulation). Its speed against "official" is not yet in a committed run: rerun
+# `python -m benchmarks.baseline_formulations` and cite it.
 DEFAULT_FORMULATION = "fused"
 
 NORM_IMPLS = ("official",) + channel_norm_impls

@@ -26,9 +26,11 @@ the official code's own ops). What the formulations change, and why it matters o
   block whose tensors would pass it runs in row bands with a one-row halo (same values).
 - SDPA (`attn_impl="sdpa"`) stays an option but no formulation uses it (see `restormer()`).
 
-GPU-PLACEHOLDER(issue 13): per-formulation latency and peak memory on one H200 at
-256/512/1024 px (official vs default, bf16/fp32, inference/training), and the cause of the
-4096 px jump, from `python -m benchmarks.baseline_formulations` (results/<run>/...).
+On one NVIDIA H200 (results/h200-run5/call2/baseline_checks.jsonl, fp32 with TF32 off, 128 px,
+the official formulation's weights): "layer_norm", "channels_first" and "fused" give outputs
+within 5.5e-7 and gradients within 2.3e-5 of the official formulation; their bf16 errors against
+fp32 (0.0068-0.0083) are the official one's (0.0076). Per-formulation latency and memory
+(`python -m benchmarks.baseline_formulations`, parts grid onwards) are not in a committed run.
 
 Like the official code, the input height and width must be multiples of 8 (three 2x
 downsamplings; the official test scripts reflect-pad outside the model): registry multiple=8.
@@ -82,9 +84,9 @@ FORMULATIONS = {
     "layer_norm_cl": dict(norm_impl="layer_norm", attn_impl="gram", attn_split=0,
                           band_elements=2**31 - 1, memory_format="channels_last"),
 }
-# GPU-PLACEHOLDER(issue 13): chosen by `python -m benchmarks.baseline_formulations` on one H200
-# (the fastest formulation over 256/512/1024 px, bf16/fp32, inference and training step); set
-# from that run's summary and cite it here.
+# "fused": the Triton channel norm and the Gram attention (same values as the official
+# formulation, checked on an H200 in results/h200-run5/call2). Its speed against "official" is
+# not yet in a committed run: rerun `python -m benchmarks.baseline_formulations` and cite it.
 DEFAULT_FORMULATION = "fused"
 
 NORM_IMPLS = ("official",) + channel_norm_impls
