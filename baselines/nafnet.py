@@ -24,7 +24,8 @@ at 256 px where the official norm's many small kernels dominate):
 
 Per-formulation latency and peak memory of NAFNet-w32/w64 on a GPU
 (`python -m benchmarks.baseline_formulations`) are not in a committed run yet; the formulations
-agree with the official one in the CPU tests (tests/test_baseline_formulations.py).
+equal the official function in float64 in the CPU tests
+(tests/test_nafnet.py::test_every_formulation_is_the_official_function_float64).
 
 Configurations (official option files):
 - deblur (GoPro, `options/test/GoPro/NAFNet-width{32,64}.yml`): enc [1,1,1,28], middle 1,
