@@ -73,6 +73,7 @@ def test_every_table_and_figure_is_written_and_non_empty(report):
     assert f"bench report {FIXTURE} --out {out}" in readme
     for text in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "2.5.1+cu124", "12.4", "a1b2c3d4e5f6"):
         assert text in readme
+    assert "reading of arXiv 2403.17902" in readme  # the fixture has Serpent rows
     assert sorted(report.files) == sorted(str(p.relative_to(out)) for p in out.rglob("*")
                                           if p.is_file() and p.name != ".bench-report")
 
