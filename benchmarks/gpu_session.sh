@@ -2,6 +2,8 @@
 # The GPU work of one session on one H200, as a few device calls that each fit 600 s. From the
 # repo root, after ../shared/gpu/stage.sh:
 #     STAGES="tests serpent baselines" bash benchmarks/gpu_session.sh
+# (.gpu/ is git-ignored: the device tool must be told to carry it, or setup finds nothing.
+# Calling .gpu/setup.sh by hand builds mamba-ssm unless .gpu/src is moved away as NO_MAMBA does.)
 # Results collect in /tmp/r (kept while the machine stays warm between calls); at the end of
 # every call all of it is packed into $OUT/run.tgz (the device tool returns at most 8 files),
 # plus the call's log. A stage that finished in an earlier warm call is not run again.
