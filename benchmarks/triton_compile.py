@@ -55,15 +55,44 @@ def capture(out: Path) -> int:
                  "kwargs": {k: _describe(v) for k, v in kwargs.items()}}
         launches.setdefault(json.dumps(entry, sort_keys=True), entry)
 
+    original, saved_tiles = InterpretedFunction.run, os.environ.get("SERPENT_SCAN_TILES")
     InterpretedFunction.run = record  # record, never execute: outputs are left unwritten
+    try:
+        _run_fused_paths(torch)
+    finally:
+        InterpretedFunction.run = original
+        if saved_tiles is None:
+            os.environ.pop("SERPENT_SCAN_TILES", None)
+        else:
+            os.environ["SERPENT_SCAN_TILES"] = saved_tiles
+    out.write_text(json.dumps(list(launches.values()), indent=1) + "\n")
+    names = sorted({e["kernel"] for e in launches.values()})
+    print(f"{len(launches)} distinct launches of {len(names)} kernels -> {out}: {', '.join(names)}")
+    return 0
+
+
+def _run_fused_paths(torch) -> None:
+    """Every fused path once: dtypes, scale counts, scan paths, scan segments, channel norm."""
     from baselines import channel_norm as norm
     from serpent.model import Serpent
 
-    norm.INTERPRET_ON_CPU = True
+    saved, norm.INTERPRET_ON_CPU = norm.INTERPRET_ON_CPU, True
+    try:
+        _run_models(torch, Serpent)
+        for dtype in (torch.float32, torch.bfloat16):
+            for centered, fmt in ((True, torch.contiguous_format), (False, torch.channels_last)):
+                w, b = torch.ones(48, requires_grad=True), torch.zeros(48, requires_grad=True)
+                y = torch.rand(2, 48, 20, 24, dtype=dtype).to(memory_format=fmt).requires_grad_()
+                norm.channel_norm(y, w, b if centered else None, 1e-6, impl="triton",
+                                  centered=centered).float().sum().backward()
+    finally:
+        norm.INTERPRET_ON_CPU = saved
 
+
+def _run_models(torch, Serpent) -> None:
     torch.manual_seed(0)
     x = torch.rand(1, 3, 64, 64)  # level 0: 256 steps, 4 chunks of 64 (launches do not run)
-    for tiles in ("", "64,2,4,4,8,1"):  # default tiles, then forward segments of one chunk
+    for tiles in ("", "64,2,4,4,8,1"):  # default tiles, then scan segments of one chunk
         os.environ["SERPENT_SCAN_TILES"] = tiles
         for num_scales in (1, 2, 3, 4):
             for path in ("serpentine", "raster"):
@@ -80,17 +109,6 @@ def capture(out: Path) -> int:
                         with torch.inference_mode():
                             model(x)
                         model(x.requires_grad_()).float().sum().backward()
-
-    for dtype in (torch.float32, torch.bfloat16):
-        for centered, fmt in ((True, torch.contiguous_format), (False, torch.channels_last)):
-            w, b = torch.ones(48, requires_grad=True), torch.zeros(48, requires_grad=True)
-            y = torch.rand(2, 48, 20, 24, dtype=dtype).to(memory_format=fmt).requires_grad_()
-            norm.channel_norm(y, w, b if centered else None, 1e-6, impl="triton",
-                              centered=centered).float().sum().backward()
-    out.write_text(json.dumps(list(launches.values()), indent=1) + "\n")
-    names = sorted({e["kernel"] for e in launches.values()})
-    print(f"{len(launches)} distinct launches of {len(names)} kernels -> {out}: {', '.join(names)}")
-    return 0
 
 
 # --------------------------------------------------------------------------- compile
@@ -158,8 +176,11 @@ def compile_launches(path: Path, arch: int) -> int:
     import triton.language as tl
     from triton.runtime import driver
 
-    driver.set_active(_StubDriver(arch))
-    launches = json.loads(path.read_text())
+    driver.set_active(_StubDriver(arch))  # for the rest of this (command-line) process
+    return _compile_all(json.loads(path.read_text()), arch, triton, tl)
+
+
+def _compile_all(launches: list[dict], arch: int, triton, tl) -> int:
     failures = skipped = 0
     for entry in launches:
         try:
