@@ -31,7 +31,8 @@ def _describe(value, runtime: bool = False):
     `runtime`: a positional (non-constexpr) argument, of which only the class of an int matters
     to the compiler (1, a multiple of 16, other), which keeps the variants few."""
     if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
-        return {"ptr": str(value.dtype).removeprefix("torch."), "aligned": value.data_ptr() % 16 == 0}
+        return {"ptr": str(value.dtype).removeprefix("torch."),
+                "aligned": value.data_ptr() % 16 == 0}
     if type(value).__name__ == "dtype" and hasattr(value, "primitive_bitwidth"):  # tl.dtype
         return {"tl": value.name}
     if runtime and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 31:

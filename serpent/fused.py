@@ -99,7 +99,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _segments(h: int, w: int, tiles: "ScanTiles") -> int:
+def _segments(h: int, w: int, tiles: ScanTiles) -> int:
     """Segments of the longest (scale 0) sequence: the scan kernels' third grid dimension."""
     chunks = -(-h * w // tiles.chunk)
     return -(-chunks // tiles.segment)
@@ -107,7 +107,7 @@ def _segments(h: int, w: int, tiles: "ScanTiles") -> int:
 
 def _summary_elements(b: int, inner: int, n: int, num_scales: int, nseg: int) -> int:
     """(end state or carry, decay product) per segment of every (scale, batch, direction)."""
-    return num_scales * b * 4 * nseg * 2 * inner * n if nseg > 1 else 0
+    return num_scales * b * 4 * nseg * 2 * inner * n
 
 
 def _state_elements(b: int, h: int, w: int, inner: int, n: int, num_scales: int, chunk: int) -> int:
@@ -335,7 +335,8 @@ def _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_
                           if save_states else 0, dtype=ct)
     cbf = min(tiles.fwd_channels, _pow2(inner))
     nseg = _segments(h, w, tiles)
-    summaries = xz.new_empty(_summary_elements(b, inner, n, num_scales, nseg), dtype=ct)
+    summaries = (xz.new_empty(_summary_elements(b, inner, n, num_scales, nseg), dtype=ct)
+                 if nseg > 1 else xs)  # one segment: the kernels never touch it
     scan_args = (*_pointers(A_log), *_pointers(D), *_pointers(dt_weight), *_pointers(dt_bias),
                  b, h, w, inner, rank, n, tiles.segment, nseg)
     scan_opts = dict(SERPENTINE=path == "serpentine", NUM_SCALES=num_scales,
@@ -345,9 +346,8 @@ def _forward(kernels, xz, conv_weight, conv_bias, x_proj, dt_weight, dt_bias, A_
     if nseg > 1:  # every segment's end state and decay from a zero start (see the kernel)
         kernels.scan_fwd_kernel[grid](xs, x_dbl, ydir, xs, summaries, *scan_args,
                                       SUMMARY=True, **scan_opts)
-    kernels.scan_fwd_kernel[grid](xs, x_dbl, ydir, states if save_states else xs,
-                                  summaries if nseg > 1 else xs, *scan_args, SUMMARY=False,
-                                  **scan_opts)
+    kernels.scan_fwd_kernel[grid](xs, x_dbl, ydir, states if save_states else xs, summaries,
+                                  *scan_args, SUMMARY=False, **scan_opts)
 
     cat = xz.new_empty(b, h, w, num_scales * inner)
     pix, cb = 32, min(32, _pow2(inner))
@@ -564,10 +564,10 @@ def _backward_impl(kernels, dout, xz, conv_weight, conv_bias, xs, x_dbl, states,
 
     cbb = min(tiles.bwd_channels, _pow2(inner))
     nseg = _segments(h, w, tiles)
-    summaries = torch.empty(_summary_elements(b, inner, n, num_scales, nseg), dtype=ct,
-                            device=xz.device)
+    summaries = (xs.new_empty(_summary_elements(b, inner, n, num_scales, nseg), dtype=ct)
+                 if nseg > 1 else xs)  # one segment: the kernels never touch it
     scan_args = (xs, x_dbl, states, dcat, dys, g["du"], g["dxd"], g["dA"], g["dD"], g["dE"],
-                 g["dW"], summaries if nseg > 1 else xs,
+                 g["dW"], summaries,
                  *_pointers(A_log), *_pointers(D), *_pointers(dt_weight), *_pointers(dt_bias),
                  b, h, w, inner, rank, n, tiles.segment, nseg)
     scan_opts = dict(SERPENTINE=path == "serpentine", NUM_SCALES=num_scales, SEGMENTED=nseg > 1,

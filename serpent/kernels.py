@@ -142,6 +142,28 @@ def _multiply(a, b):
 
 
 @triton.jit
+def _summary_base(seg_ptr, s, batch, bi, k, nseg, inner, N):
+    """Where the segment summaries of (scale s, batch bi, direction k) start. Layout
+    [s][b][k][seg][2][inner][N]: per segment, its state (forward) or carry (backward) from a
+    zero start, then the product of its decays."""
+    return seg_ptr + ((s * batch + bi) * 4 + k) * nseg * 2 * inner * N
+
+
+@triton.jit
+def _load_summary(sm_base, j, inner, N, off, mask):
+    base = sm_base + 2 * j * inner * N
+    return (tl.load(base + off, mask=mask, other=0),
+            tl.load(base + inner * N + off, mask=mask, other=0))
+
+
+@triton.jit
+def _store_summary(sm_base, j, inner, N, off, mask, value, product):
+    base = sm_base + 2 * j * inner * N
+    tl.store(base + off, value, mask=mask)
+    tl.store(base + inner * N + off, product, mask=mask)
+
+
+@triton.jit
 def _silu_grad(x):
     sig = tl.sigmoid(x)
     return sig * (1.0 + x * (1.0 - sig))
@@ -233,11 +255,12 @@ def scan_fwd_kernel(xs_ptr, xdbl_ptr, y_ptr, state_ptr, seg_ptr,
         y_t = <C_t, h_t> + D u_t,  written to ydir at the step's pixel.
     A = -exp(A_log); (A_log, D, dt_w, dt_b) of scale s are (A{s}, D{s}, W{s}, E{s}).
 
-    Why segments: one program walking a whole sequence (65536 steps at 1024 px) is bound by
-    the latency of its chunk loop, with too few programs to fill the card. SUMMARY=True runs
-    every segment from a zero state and stores its end state and decay product (seg_ptr:
-    [s][b][k][seg][2][inner][N]); the second launch (SEGMENTED=True) first chains the summaries
-    of the segments before its own into its true start state, then scans and writes y."""
+    Segments give one sequence (65536 steps at 1024 px) many programs instead of one:
+    SUMMARY=True runs every segment from a zero state and stores its end state and decay
+    product (`_summary_base`); the second launch (SEGMENTED=True) first chains the summaries of
+    the segments before its own into its true start state, then scans and writes y. On an H200
+    this gained little (results/h200-run5/README.md): the per-step work, not the chunk loop's
+    latency, bounds this kernel."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
     seg = tl.program_id(2)
@@ -290,16 +313,14 @@ def _scan_fwd_segment(xs_ptr, xdbl_ptr, y_ptr, state_ptr, seg_ptr, A_log, Dp, Wp
         + (bi * 4 + k) * nch * inner * N
     st_off = ch[:, None] * N + n[None, :]
     st_mask = mch[:, None] & mn[None, :]
-    # summaries of this (scale, batch, direction): 2 * inner * N values per segment
-    sm_base = seg_ptr + ((s * batch + bi) * 4 + k) * nseg * 2 * inner * N
+    sm_base = _summary_base(seg_ptr, s, batch, bi, k, nseg, inner, N)
 
     rows = tl.arange(0, T)
     last = (rows == T - 1)[:, None, None]
     h = tl.zeros((CB, NP), CT)
     if SEGMENTED and not SUMMARY:  # the true start state: earlier segments chained in order
         for j in range(seg):
-            h_end = tl.load(sm_base + (2 * j) * inner * N + st_off, mask=st_mask, other=0)
-            d_all = tl.load(sm_base + (2 * j + 1) * inner * N + st_off, mask=st_mask, other=0)
+            h_end, d_all = _load_summary(sm_base, j, inner, N, st_off, st_mask)
             h = d_all * h + h_end
     d_seg = tl.full((CB, NP), 1.0, CT)
     # software pipelining by hand: the next chunk's loads are issued before this chunk's
@@ -329,8 +350,7 @@ def _scan_fwd_segment(xs_ptr, xdbl_ptr, y_ptr, state_ptr, seg_ptr, A_log, Dp, Wp
         h = tl.sum(tl.where(last, hh, 0.0), axis=0)
         p, valid, u, dt, Bm, Cm = p_next, valid_next, u_next, dt_next, B_next, C_next
     if SUMMARY:
-        tl.store(sm_base + (2 * seg) * inner * N + st_off, h, mask=st_mask)
-        tl.store(sm_base + (2 * seg + 1) * inner * N + st_off, d_seg, mask=st_mask)
+        _store_summary(sm_base, seg, inner, N, st_off, st_mask, h, d_seg)
 
 
 @triton.jit
@@ -575,7 +595,7 @@ def _scan_bwd_segment(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr, du_ptr, dx
         + (bi * 4 + k) * nch * inner * N
     st_off = ch[:, None] * N + n[None, :]
 
-    sm_base = seg_ptr + ((s * batch + bi) * 4 + k) * nseg * 2 * inner * N
+    sm_base = _summary_base(seg_ptr, s, batch, bi, k, nseg, inner, N)
 
     rows = tl.arange(0, T)
     last = (rows == T - 1)[:, None, None]
@@ -583,9 +603,7 @@ def _scan_bwd_segment(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr, du_ptr, dx
     if SEGMENTED and not SUMMARY:  # the entering carry: later segments chained, last first
         nseg_s = tl.cdiv(nch, seg_chunks)
         for jj in range(nseg_s - 1 - seg):
-            j = nseg_s - 1 - jj
-            c_local = tl.load(sm_base + (2 * j) * inner * N + st_off, mask=m_cn, other=0)
-            a_all = tl.load(sm_base + (2 * j + 1) * inner * N + st_off, mask=m_cn, other=0)
+            c_local, a_all = _load_summary(sm_base, nseg_s - 1 - jj, inner, N, st_off, m_cn)
             carry = a_all * carry + c_local
     a_seg = tl.full((CB, NP), 1.0, CT)
     dA_acc = tl.zeros((CB, NP), CT)
@@ -642,8 +660,7 @@ def _scan_bwd_segment(xs_ptr, xdbl_ptr, state_ptr, dcat_ptr, dys_ptr, du_ptr, dx
             tl.atomic_add(dxrow + R + N + n[None, :], tl.sum(h * dy[:, :, None], axis=1), mask=m_tn)
         p, valid, u, dt, Bm, Cm = p_next, valid_next, u_next, dt_next, B_next, C_next
     if SUMMARY:
-        tl.store(sm_base + (2 * seg) * inner * N + st_off, carry, mask=m_cn)
-        tl.store(sm_base + (2 * seg + 1) * inner * N + st_off, a_seg, mask=m_cn)
+        _store_summary(sm_base, seg, inner, N, st_off, m_cn, carry, a_seg)
     else:  # parameter gradients of scale s: (A_log, D, dt_b, dt_w) stacked per scale, atomic
         tl.atomic_add(dA_ptr + s * 4 * inner * N + pc[:, None] * N + n[None, :], dA_acc * A,
                       mask=m_cn)
