@@ -546,7 +546,7 @@ def part_d(run: Run) -> None:
 # --------------------------------------------------------------------------- e: scan tiles
 
 
-# chunk, forward channels, backward channels, forward warps, backward warps, forward segment
+# chunk, forward channels, backward channels, forward warps, backward warps, segment (chunks)
 TILES = ["64,2,4,4,8,32", "64,2,4,4,8,8", "64,2,4,4,8,128", "64,1,4,4,8,16", "64,4,4,4,8,8",
          "32,2,4,4,4,32"]
 
