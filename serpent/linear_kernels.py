@@ -38,17 +38,20 @@ def _rows(rm, HW, sb, sp):
 
 
 @triton.jit
-def _grad_rows(g_ptr, pre_ptr, scale_ptr, rm, rn, mask, N, HW, GELU: tl.constexpr,
+def _grad_rows(g_ptr, pre_ptr, scale_ptr, rm, mm, rn, mn, N, HW, GELU: tl.constexpr,
                SCALE: tl.constexpr, ACT: tl.constexpr, CT: tl.constexpr):
-    """d(x @ W^T + b) of rows rm, columns rn from d out: through the GELU (pre-activation saved
-    by the forward) or the drop-path scale; rounded to ACT as the unfused backward's matmuls."""
+    """d(x @ W^T + b) of rows rm, columns rn (valid where mm, mn) from d out: through the GELU
+    (pre-activation saved by the forward) or the drop-path scale; rounded to ACT as the unfused
+    backward's matmuls."""
+    mask = mm[:, None] & mn[None, :]
     g = tl.load(g_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=mask, other=0).to(CT)
     if GELU:
         pre = tl.load(pre_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], mask=mask,
                       other=0).to(CT)
         g = g.to(ACT).to(CT) * _gelu_grad(pre)
     if SCALE:
-        g = g * tl.load(scale_ptr + rm // HW, mask=rm >= 0, other=0).to(CT)[:, None]
+        # rows past M read no scale: their batch index is past the scale vector's end
+        g = g * tl.load(scale_ptr + rm // HW, mask=mm, other=0).to(CT)[:, None]
     return g.to(ACT).to(CT)
 
 
@@ -130,7 +133,7 @@ def linear_bwd_dx_kernel(g_ptr, pre_ptr, scale_ptr, w_ptr, x_ptr, lnw_ptr, stats
     for n0 in range(0, N, BN):
         rn = n0 + tl.arange(0, BN)
         mn = rn < N
-        g = _grad_rows(g_ptr, pre_ptr, scale_ptr, rm, rn, mm[:, None] & mn[None, :], N, HW,
+        g = _grad_rows(g_ptr, pre_ptr, scale_ptr, rm, mm, rn, mn, N, HW,
                        GELU, SCALE, ACT, CT)
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=mn[:, None] & mk[None, :],
                     other=0).to(ACT).to(CT)
@@ -172,7 +175,7 @@ def linear_bwd_dw_kernel(g_ptr, pre_ptr, scale_ptr, x_ptr, lnw_ptr, lnb_ptr, sta
     for r0 in range(0, RC, BR):
         rm = tl.program_id(0) * RC + r0 + tl.arange(0, BR)
         mm = rm < M
-        g = _grad_rows(g_ptr, pre_ptr, scale_ptr, rm, rn, mm[:, None] & mn[None, :], N, HW,
+        g = _grad_rows(g_ptr, pre_ptr, scale_ptr, rm, mm, rn, mn, N, HW,
                        GELU, SCALE, ACT, CT)
         m2 = mm[:, None] & mk[None, :]
         a = tl.load(x_ptr + _rows(rm, HW, sxb, sxp)[:, None] + rk[None, :] * sxc, mask=m2,
